@@ -1,0 +1,42 @@
+"""Ciuic: make DeepSeek fine-tuning fit in GPU memory by configuration.
+
+One config object, one in-place verb::
+
+    import ciuic
+    handle = ciuic.apply_(model, ciuic.CiuicConfig.preset("balanced"))
+    optimizer = ciuic.build_optimizer(model.parameters(), handle.config, lr=2e-4)
+    ...
+    ciuic.remove_(model)
+
+This package imports no training framework; the Lightning and Hugging Face adapters live in
+``ciuic_lightning`` and ``ciuic_hf``.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .api import CiuicHandle, apply_, build_optimizer, handle_of, remove_
+from .config import CiuicConfig
+from .errors import ApplyError, CiuicError, ConfigError, TechniqueUnavailableError, UnknownTechniqueError
+from .memory import MemoryMeter, MemoryReading
+
+try:
+    __version__ = version("ciuic")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "ApplyError",
+    "CiuicConfig",
+    "CiuicError",
+    "CiuicHandle",
+    "ConfigError",
+    "MemoryMeter",
+    "MemoryReading",
+    "TechniqueUnavailableError",
+    "UnknownTechniqueError",
+    "__version__",
+    "apply_",
+    "build_optimizer",
+    "handle_of",
+    "remove_",
+]
