@@ -45,7 +45,10 @@ class CiuicHandle:
         lines = [f"ciuic applied to {self.model_name}: {_describe(self.config)}"]
         for record in self.applied:
             detail = ", ".join(f"{k}={v}" for k, v in record.details.items())
-            lines.append(f"  applied  {record.technique}: {len(record.changed)} changed" + (f" ({detail})" if detail else ""))
+            lines.append(
+                f"  applied  {record.technique}: {len(record.changed)} changed"
+                + (f" ({detail})" if detail else "")
+            )
             lines.extend(f"    skipped {what}: {why}" for what, why in record.skipped)
         lines.extend(f"  deferred {what}: {why}" for what, why in self.deferred)
         lines.extend(f"  skipped  {what}: {why}" for what, why in self.skipped)

@@ -31,12 +31,14 @@ class FieldSpec:
     normalize: Callable[[str, object], object]
 
 
+class _Invalid(Exception):
+    """Raised by a normalizer; ``CiuicConfig`` turns it into a ConfigError naming the field."""
+
+
 def _choice(*values: str) -> Callable[[str, object], object]:
     def normalize(field: str, value: object) -> object:
         if not isinstance(value, str) or value not in values:
-            raise ConfigError(
-                f"{field}={value!r} is not allowed: choose one of {', '.join(map(repr, values))}."
-            )
+            raise _Invalid("")
         return value
 
     return normalize
@@ -50,17 +52,11 @@ def _offload(field: str, value: object) -> object:
         return frozenset()
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, Collection) or isinstance(items, Mapping):
-        raise ConfigError(
-            f"{field}={value!r} is not allowed: give a set (or list) drawn from {list(OFFLOAD_TARGETS)}, "
-            f"e.g. offload={{'activations'}}."
-        )
+        raise _Invalid("give a set or list, e.g. offload={'activations'}")
     bad = [item for item in items if not isinstance(item, str) or item not in OFFLOAD_TARGETS]
     if bad:
-        raise ConfigError(
-            f"{field}={value!r} contains {bad[0]!r}, which cannot be offloaded: "
-            f"allowed members are {list(OFFLOAD_TARGETS)}."
-        )
-    return frozenset(items)  # type: ignore[arg-type]
+        raise _Invalid(f"{bad[0]!r} cannot be offloaded")
+    return frozenset(items)
 
 
 def _checkpointing(field: str, value: object) -> object:
@@ -68,20 +64,22 @@ def _checkpointing(field: str, value: object) -> object:
         return value
     if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
         return value
-    raise ConfigError(
-        f"{field}={value!r} is not allowed: choose 'none', 'auto', 'full', or an int N >= 1 "
-        f"to checkpoint every N-th decoder block."
-    )
+    raise _Invalid("an int N checkpoints every N-th decoder block")
 
 
 def _flag(field: str, value: object) -> object:
     if not isinstance(value, bool):
-        raise ConfigError(f"{field}={value!r} is not allowed: give True or False.")
+        raise _Invalid("")
     return value
 
 
 def _budget(field: str, value: object) -> object:
-    return None if value is None else parse_bytes(value, field=field)
+    if value is None:
+        return None
+    try:
+        return parse_bytes(value, field=field)
+    except ConfigError as error:
+        raise _Invalid(str(error).split(": ", 1)[-1].rstrip(".")) from None
 
 
 FIELDS: dict[str, FieldSpec] = {
@@ -197,7 +195,14 @@ class CiuicConfig:
 
     def __post_init__(self) -> None:
         for name, spec in FIELDS.items():
-            object.__setattr__(self, name, spec.normalize(name, getattr(self, name)))
+            value = getattr(self, name)
+            try:
+                object.__setattr__(self, name, spec.normalize(name, value))
+            except _Invalid as invalid:
+                reason = f": {invalid}" if str(invalid) else ""
+                raise ConfigError(
+                    f"{name}={value!r} is not allowed{reason}. Allowed: {spec.allowed}."
+                ) from None
 
     # -- constructors ---------------------------------------------------------------------
     @classmethod
@@ -261,7 +266,9 @@ class CiuicConfig:
 
             path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
         else:
-            raise ConfigError(f"config file {str(path)!r} has suffix {path.suffix!r}: use .json, .yaml or .yml.")
+            raise ConfigError(
+                f"config file {str(path)!r} has suffix {path.suffix!r}: use .json, .yaml or .yml."
+            )
 
     def replace(self, **changes: Any) -> CiuicConfig:
         """A validated copy with some fields changed (the config itself is immutable)."""

@@ -144,7 +144,8 @@ def request_keys(config: CiuicConfig) -> list[str]:
     keys: list[str] = []
     for name, value in config.requested().items():
         if name == "offload":
-            keys.extend(f"offload.{member}" for member in sorted(value))  # type: ignore[attr-defined]
+            assert isinstance(value, frozenset)  # normalized by CiuicConfig
+            keys.extend(f"offload.{member}" for member in sorted(value))
         else:
             keys.append(name)
     return keys

@@ -43,7 +43,7 @@ def parse_bytes(value: object, *, field: str = "budget") -> int:
         number = float(match.group(1))
     total = number * _UNITS[unit or "b"]
     if not math.isfinite(total) or total < 1:
-        raise ConfigError(f"{field}={value!r} must be at least 1 byte.")
+        raise ConfigError(f"{field}={value!r} is too small: a byte quantity must be at least 1 byte.")
     return int(total)
 
 

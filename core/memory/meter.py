@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +43,7 @@ from torch.optim import optimizer as optim_module
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from ..units import format_bytes
+from ciuic.units import format_bytes
 
 DEVICE_CATEGORIES = ("parameters", "gradients", "optimizer", "activations", "temporary")
 """Categories of device memory; at the peak they sum to ``peak_bytes``."""
@@ -52,7 +52,14 @@ CATEGORIES = (*DEVICE_CATEGORIES, "offloaded")
 
 # A storage is counted in the strongest category it has shown: a parameter saved for backward
 # stays a parameter.
-_PRIORITY = {"temporary": 0, "activations": 1, "offloaded": 2, "optimizer": 3, "gradients": 4, "parameters": 5}
+_PRIORITY = {
+    "temporary": 0,
+    "activations": 1,
+    "offloaded": 2,
+    "optimizer": 3,
+    "gradients": 4,
+    "parameters": 5,
+}
 
 _ACTIVE: list[MemoryMeter] = []
 _LOCAL = threading.local()
@@ -141,7 +148,12 @@ def _tensors_in(args: Any, kwargs: Any) -> list[torch.Tensor]:
 
 @dataclass(frozen=True)
 class MemoryReading:
-    """The figures of one measurement (what ``MemoryMeter.reading()`` returns)."""
+    """The figures of one measurement (what ``MemoryMeter.reading()`` returns).
+
+    ``cuda_max_allocated`` is the cross-check on a real GPU: how far
+    ``torch.cuda.max_memory_allocated`` rose above what was allocated when the meter was
+    entered (the caching allocator rounds each block up to 512 bytes); ``None`` elsewhere.
+    """
 
     device: str
     peak_bytes: int
@@ -152,14 +164,16 @@ class MemoryReading:
     def report(self) -> str:
         """A fixed-width table of the breakdown at the peak."""
         rows = [(name, self.peak_by_category[name]) for name in DEVICE_CATEGORIES]
-        width = max(len(name) for name in CATEGORIES) + 2
+        width = len("offloaded (host)") + 2
         lines = [f"memory at the peak on {self.device}", f"  {'category':<{width}}{'bytes':>14}  {'':>12}"]
         lines += [f"  {name:<{width}}{n:>14,}  {format_bytes(n):>12}" for name, n in rows]
-        lines.append(f"  {'peak (device)':<{width}}{self.peak_bytes:>14,}  {format_bytes(self.peak_bytes):>12}")
+        lines.append(
+            f"  {'peak (device)':<{width}}{self.peak_bytes:>14,}  {format_bytes(self.peak_bytes):>12}"
+        )
         off = self.peak_by_category["offloaded"]
         lines.append(f"  {'offloaded (host)':<{width}}{off:>14,}  {format_bytes(off):>12}")
         if self.cuda_max_allocated is not None:
-            lines.append(f"  torch.cuda.max_memory_allocated: {self.cuda_max_allocated:,} B")
+            lines.append(f"  torch.cuda.max_memory_allocated growth: {self.cuda_max_allocated:,} B")
         return "\n".join(lines)
 
 
@@ -202,12 +216,18 @@ class MemoryMeter:
         self._hooks: list[Any] = []
         self._stack: contextlib.ExitStack | None = None
         self._cuda_max: int | None = None
+        self._cuda_start = 0
+        self._used = False
+        for obj in track:
+            _check_trackable(obj)
         self._pending_track = track
 
     # -- context ---------------------------------------------------------------------------
     def __enter__(self) -> MemoryMeter:
         if self._stack is not None:
             raise RuntimeError("this MemoryMeter is already running: use a new one for each measurement.")
+        if self._used:
+            raise RuntimeError("this MemoryMeter has already been used: use a new one for each measurement.")
         stack = contextlib.ExitStack()
         self._hooks = [
             nn_module.register_module_parameter_registration_hook(self._on_parameter),
@@ -221,17 +241,30 @@ class MemoryMeter:
         _ACTIVE.append(self)
         stack.callback(_ACTIVE.remove, self)
         self._stack = stack
-        if self._is_real_cuda():
-            torch.cuda.reset_peak_memory_stats(self.device)
-        self.track(*self._pending_track)
+        try:
+            self._start()
+        except BaseException:
+            self._stack = None
+            stack.close()
+            raise
         return self
+
+    def _start(self) -> None:
+        if self._is_real_cuda():
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._cuda_start = torch.cuda.memory_allocated(self.device)
+        self.track(*self._pending_track)
 
     def __exit__(self, *exc: object) -> None:
         self._close_peak()
         if self._is_real_cuda():
-            self._cuda_max = torch.cuda.max_memory_allocated(self.device)
+            torch.cuda.synchronize(self.device)
+            self._cuda_max = torch.cuda.max_memory_allocated(self.device) - self._cuda_start
         assert self._stack is not None
         self._stack.close()
+        self._stack = None
+        self._used = True
         with self._lock:
             self._refs.clear()  # drop the weak references: no callback reaches a closed meter
 
@@ -286,16 +319,15 @@ class MemoryMeter:
     def track(self, *objects: object) -> MemoryMeter:
         """Count the existing tensors of modules and optimizers built before the meter."""
         for obj in objects:
+            _check_trackable(obj)
             if isinstance(obj, nn.Module):
                 for param in obj.parameters():
                     self._on_parameter(None, "", param)
                 for buf in obj.buffers():
                     self._tag(buf, "parameters", add=True)
-            elif isinstance(obj, torch.optim.Optimizer):
-                self._on_step_pre(obj, (), {})
-                self._on_step_post(obj, (), {})
             else:
-                raise TypeError(f"MemoryMeter.track takes modules and optimizers, not {type(obj).__name__}.")
+                self._on_step_pre(obj, (), {})  # type: ignore[arg-type]
+                self._on_step_post(obj, (), {})  # type: ignore[arg-type]
         return self
 
     def _update(self, tensor: torch.Tensor) -> bool:
@@ -327,7 +359,7 @@ class MemoryMeter:
                 return None  # another accelerator, or meta: not memory this meter measures
             record = _Record(storage.nbytes(), "offloaded" if host else category, host)
             self._live[key] = record
-            self._refs[key] = weakref.ref(storage, lambda _ref, key=key: self._free(key))
+            self._refs[key] = weakref.ref(storage, self._free_callback(key))
             self._add(record, record.nbytes)
             return record
 
@@ -348,6 +380,9 @@ class MemoryMeter:
         if self._device_total > self._peak:
             self._peak = self._device_total
             self._peak_dirty = True
+
+    def _free_callback(self, key: int) -> Callable[[object], None]:
+        return lambda _ref: self._free(key)
 
     def _free(self, key: int) -> None:
         with self._lock:
@@ -445,6 +480,11 @@ def _category_at_peak(record: _Record, category_then: str) -> str:
     if now != "offloaded" and _PRIORITY[now] > _PRIORITY[category_then]:
         return now
     return category_then
+
+
+def _check_trackable(obj: object) -> None:
+    if not isinstance(obj, (nn.Module, torch.optim.Optimizer)):
+        raise TypeError(f"MemoryMeter.track takes modules and optimizers, not {type(obj).__name__}.")
 
 
 def _storage_of(tensor: torch.Tensor) -> torch.UntypedStorage | None:

@@ -1,0 +1,70 @@
+"""Tiny models and data for tests, all built offline (no hub).
+
+- ``deepseek_v3``: DeepSeek-V3 architecture (MLA attention, a dense layer then MoE layers with
+  fused routed experts and a shared expert), the same builder the demo uses.
+- ``qwen2`` (the DeepSeek-R1-Distill-Qwen shape) and ``llama`` (R1-Distill-Llama).
+- ``progressions``: a learnable next-token task (arithmetic progressions mod the vocabulary).
+- ``lora``: PEFT LoRA on the attention and MLP projections.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ciuic.demo import LORA_TARGETS, progression_batches, tiny_deepseek_v3
+
+LLAMA_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def deepseek_v3(**kwargs: int) -> nn.Module:
+    """``DeepseekV3ForCausalLM``, fp32, seeded; see ``ciuic.demo.tiny_deepseek_v3`` for kwargs."""
+    return tiny_deepseek_v3(**kwargs)
+
+
+def qwen2(*, vocab_size: int = 64, hidden_size: int = 64, num_layers: int = 2, seed: int = 0) -> nn.Module:
+    """``Qwen2ForCausalLM`` (grouped-query attention with q/k/v biases), fp32, seeded."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(config)
+
+
+def llama(*, vocab_size: int = 64, hidden_size: int = 64, num_layers: int = 2, seed: int = 0) -> nn.Module:
+    """``LlamaForCausalLM``, fp32, seeded."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def lora(model: nn.Module, *, rank: int = 8, targets: tuple[str, ...] = LORA_TARGETS) -> nn.Module:
+    """PEFT LoRA adapters on ``targets`` (no ``modules_to_save``): only adapters train."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets)))
+
+
+def progressions(*, batch_size: int, seq_len: int, vocab_size: int = 64, seed: int = 0) -> torch.Tensor:
+    """One batch of the demo's learnable task (call again with another seed for more)."""
+    return next(progression_batches(batch_size=batch_size, seq_len=seq_len, vocab_size=vocab_size, seed=seed))
