@@ -1,0 +1,171 @@
+"""Activation memory: compressed saved tensors, activation offload, selective checkpointing.
+
+In LoRA fine-tuning the weights are frozen, so most of what a step adds to memory is what
+autograd saves for backward. ``CiuicConfig(activations=..., offload={"activations"},
+checkpointing=...)`` applied with ``ciuic.apply_`` makes that small while the forward pass
+stays exact:
+
+- ``activations``: saved tensors are encoded per group (``int8``/``int4``/``int2`` min/max
+  with stochastic rounding for the inputs of linear layers, ``fp8`` e4m3 with a scale per
+  group) by :class:`~ciuic.activations.hooks.SavedTensorHooks`; sensitive places keep more
+  bits (:data:`~ciuic.activations.options.DEFAULT_RULES`);
+- ``offload={"activations"}``: what is saved (compressed or not) goes to host memory, pinned
+  and on a side stream on CUDA, and comes back one block ahead in backward;
+- ``checkpointing``: ``'full'``, every N-th block, or ``'auto'`` (fits ``budget``).
+
+Example:
+    >>> import torch, ciuic
+    >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 1))
+    >>> handle = ciuic.apply_(model, ciuic.CiuicConfig(activations="int8"))
+    >>> model(torch.randn(32, 64)).sum().backward()
+    >>> _ = ciuic.remove_(model)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ciuic.config import CiuicConfig
+from ciuic.errors import ApplyError, TechniqueUnavailableError
+from ciuic.registry import Applied, Technique, register_technique
+
+from .checkpoint import AutoCheckpointing, checkpoint_blocks, checkpointed_indices, find_blocks
+from .codecs import CODECS, CodecSpec, decode, encode, fp8_available
+from .hooks import SavedTensorHooks
+from .options import DEFAULT_RULES, ActivationOptions, CodecRule
+
+__all__ = [
+    "CODECS",
+    "DEFAULT_RULES",
+    "ActivationOptions",
+    "AutoCheckpointing",
+    "CodecRule",
+    "CodecSpec",
+    "SavedTensorHooks",
+    "apply_activations",
+    "checkpoint_blocks",
+    "checkpointed_indices",
+    "decode",
+    "encode",
+    "find_blocks",
+]
+
+
+def _requested(config: CiuicConfig) -> bool:
+    return config.activations != "none" or "activations" in config.offload or config.checkpointing != "none"
+
+
+def apply_activations(
+    model: nn.Module, config: CiuicConfig, options: ActivationOptions | None = None
+) -> Applied:
+    """Install compression, offload and checkpointing as ``config`` asks; what ``apply_`` runs.
+
+    Call it directly to pass :class:`ActivationOptions` other than the defaults (the returned
+    record's ``undo`` removes everything); ``ciuic.apply_`` uses the defaults.
+
+    Raises:
+        TechniqueUnavailableError: ``model`` is a ``torch.compile`` module, or fp8 is asked
+            for and this torch has no ``float8_e4m3fn``.
+        ApplyError: checkpointing is asked for but ``model`` has no decoder blocks.
+
+    Example:
+        >>> import torch
+        >>> from ciuic import CiuicConfig
+        >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 1))
+        >>> record = apply_activations(model, CiuicConfig(activations="int4"),
+        ...                            ActivationOptions(group_size=32))
+        >>> record.details["codec"]
+        'int4'
+        >>> record.undo()
+    """
+    _refuse_compiled(model)
+    if config.activations == "fp8" and not fp8_available():
+        raise TechniqueUnavailableError(
+            f"activations='fp8' needs torch.float8_e4m3fn, which torch {torch.__version__} lacks: "
+            f"use activations='int8' (the same bytes), or torch >= 2.1."
+        )
+    options = options or ActivationOptions()
+    blocks = find_blocks(model)
+    record = Applied("activations", details={"codec": config.activations, "blocks": len(blocks)})
+    undos: list[Callable[[], None]] = []
+    hooks: SavedTensorHooks | None = None
+    offload = "activations" in config.offload
+    if config.activations != "none" or offload:
+        hooks = SavedTensorHooks(model, codec=config.activations, offload=offload, options=options)
+        hooks.install(blocks)
+        undos.append(hooks.remove)
+        record.changed.extend(name or "<root>" for name in hooks.scoped_modules)
+        record.details.update(offload=offload, group_size=options.group_size, stats=hooks.stats)
+    if config.checkpointing != "none":
+        undos.append(_checkpoint(model, config, blocks, hooks, record))
+
+    def undo() -> None:
+        for step in reversed(undos):
+            step()
+
+    record.undo = undo
+    return record
+
+
+def _checkpoint(
+    model: nn.Module,
+    config: CiuicConfig,
+    blocks: tuple[nn.Module, ...],
+    hooks: SavedTensorHooks | None,
+    record: Applied,
+) -> Callable[[], None]:
+    if not blocks:
+        raise ApplyError(
+            f"checkpointing={config.checkpointing!r}: {type(model).__name__} has no decoder blocks "
+            f"(no nn.ModuleList of modules of one type) to checkpoint: use checkpointing='none', or "
+            f"keep the blocks in an nn.ModuleList."
+        )
+    if config.checkpointing == "auto":
+        budget = config.budget if isinstance(config.budget, int) else _device_memory(model)
+        if budget is None:
+            record.skipped.append(
+                ("checkpointing='auto'", "budget=None on CPU: no limit to fit, nothing checkpointed")
+            )
+            return lambda: None
+        auto = AutoCheckpointing(model, blocks, budget, hooks._pack if hooks is not None else None)
+        record.changed.append("auto checkpointing (decided at the first training step)")
+        record.details["checkpointing"] = auto.decision  # filled in at the first training step
+        return auto.remove
+    every = 1 if config.checkpointing == "full" else int(config.checkpointing)
+    undo = checkpoint_blocks(blocks, every=every)
+    chosen = checkpointed_indices(blocks)
+    record.changed.extend(f"checkpointed block {i}" for i in chosen)
+    record.details["checkpointing"] = {"checkpointed": chosen}
+    return undo
+
+
+def _device_memory(model: nn.Module) -> int | None:
+    """Total memory of the CUDA device ``model`` is on (``budget=None`` means all of it)."""
+    device = next((p.device for p in model.parameters()), None)
+    if device is None or device.type != "cuda":
+        return None
+    return int(torch.cuda.get_device_properties(device).total_memory)
+
+
+def _refuse_compiled(model: nn.Module) -> None:
+    if type(model).__name__ == "OptimizedModule" or hasattr(model, "_orig_mod"):
+        raise TechniqueUnavailableError(
+            "ciuic's activation technique cannot be applied to a torch.compile'd module: apply it "
+            "to the original model (model._orig_mod) and run that uncompiled, or leave "
+            "activations, offload={'activations'} and checkpointing off when compiling."
+        )
+
+
+TECHNIQUE = register_technique(
+    Technique(
+        name="activations",
+        fields=("activations", "offload.activations", "checkpointing"),
+        order=30,
+        is_requested=_requested,
+        apply=lambda model, config: apply_activations(model, config),
+    )
+)
+"""The registered technique: serves ``activations``, ``offload={'activations'}``, ``checkpointing``."""

@@ -1,0 +1,435 @@
+"""Saved-tensor hooks: compress and/or offload what autograd saves in a model's forward.
+
+:class:`SavedTensorHooks` is installed on a model with module forward hooks:
+
+- the root module's pre-forward hook enters ``torch.autograd.graph.saved_tensors_hooks`` (only
+  when gradients are enabled and the model is training: ``eval()`` and ``no_grad`` see no
+  change) and its post-forward hook, registered with ``always_call=True``, leaves it even when
+  the forward raises;
+- the hooks of the modules that need it (a rule applies, a linear layer, a decoder block)
+  keep a stack of *scopes*: the codec and rounding that the tensors saved right now get, and
+  the block they belong to (what the offload prefetches one block ahead in backward).
+
+Only the root pushes the autograd hooks: ``torch.utils.checkpoint``'s own hooks then stay the
+innermost ones inside a checkpointed block, and its recomputation in backward is left alone.
+
+What a pack does with a saved tensor:
+
+1. the storage of a parameter or buffer: kept as it is, never compressed nor offloaded. It is
+   compared by storage pointer, not by type, with the pointers read when the model's forward
+   starts and when each module with weights starts its own (so weights that FSDP unshards in
+   a module pre-forward hook registered before ciuic's count too; not tested with FSDP here);
+2. integer tensors: kept (offloaded if asked); bool tensors (dropout masks): 1 bit each;
+3. floating-point tensors under ``min_numel`` elements, non-finite ones, and views that
+   cannot be rebuilt exactly: kept (offloaded if asked);
+4. the rest: encoded with the scope's codec (stochastic rounding inside linear layers).
+
+Packed data is keyed on the exact block of memory it came from (storage, offset, dtype, shape,
+strides, version; see :mod:`ciuic.activations.layout`): a tensor saved twice (``x`` and
+``x.view(...)``, the same softmax saved by two ops) is packed once and reference-counted by the
+handles autograd holds. Unpacking decodes a fresh tensor each time, so a graph may be unpacked
+more than once (``retain_graph``) and in any order.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+import torch
+from torch import nn
+
+from ciuic.errors import TechniqueUnavailableError
+from ciuic.memory import tag_tensor
+
+from .codecs import CodecSpec, Encoded, decode, encode, more_precise, pack_mask, unpack_mask
+from .layout import Layout, flatten
+from .offload import HostCopy, Offloader
+from .options import ActivationOptions
+
+_COMPILE_MESSAGE = (
+    "ciuic activations='...'/offload={'activations'} cannot run under torch.compile: the codec of "
+    "a saved tensor depends on the module that saves it, which a compiled graph does not tell its "
+    "saved-tensor hooks. Run the model uncompiled, or compile it with activations='none' and no "
+    "'activations' in offload (checkpointing alone installs no saved-tensor hooks)."
+)
+
+
+@dataclass(frozen=True)
+class Scope:
+    """How tensors saved inside one module are stored.
+
+    Attributes:
+        codec: Codec name (``'none'``: exact).
+        stochastic: Stochastic rounding (inputs of linear layers).
+        weight_shapes: Shapes of the module's own weights (and their transposes): a saved
+            tensor of such a shape is taken for a copy of a weight (autocast's cast of a frozen
+            weight, PEFT's merged ``W + BA`` of a LoRA on a parameter). An activation that
+            happens to have such a shape only gets more bits.
+        block: Whether the module is a decoder block (starts a new offload segment).
+        dropout: Whether the module is a dropout layer (its saved floating-point mask,
+            values ``0`` and ``1 / (1 - p)`` as the CPU kernel saves it, is stored in 1 bit).
+    """
+
+    codec: str
+    stochastic: bool = False
+    weight_shapes: frozenset[tuple[int, ...]] = frozenset()
+    block: bool = False
+    dropout: bool = False
+
+
+@dataclass
+class PackStats:
+    """What the hooks did so far (for reports and tests)."""
+
+    packed: int = 0
+    deduplicated: int = 0
+    kept: int = 0
+    parameters: int = 0
+    offloaded: int = 0
+    fetched: int = 0
+    prefetched: int = 0
+    by_codec: dict[str, int] = field(default_factory=dict)
+
+
+class _Entry:
+    """Packed data of one block of memory, shared by every handle saved from it."""
+
+    __slots__ = ("__weakref__", "data", "kind", "meta", "segment", "storage")
+
+    def __init__(self, kind: str, data: Any, meta: Any, segment: int, storage: Any) -> None:
+        self.kind = kind  # 'codec' (Encoded), 'mask' (numel), 'raw'
+        self.data = data  # Encoded | tuple of tensors | HostCopy
+        self.meta = meta
+        self.segment = segment
+        self.storage = storage  # weak reference to the source storage (dedup check)
+
+
+class _Handle:
+    """What autograd holds for one saved tensor: the shared entry and how to rebuild the view."""
+
+    __slots__ = ("entry", "layout")
+
+    def __init__(self, entry: _Entry, layout: Layout) -> None:
+        self.entry = entry
+        self.layout = layout
+
+
+class SavedTensorHooks:
+    """Pack/unpack hooks for one model (see the module docstring).
+
+    Args:
+        model: The root module.
+        codec: The config's codec (``'none'`` with ``offload`` only moves tensors).
+        offload: Copy packed data to host memory (pinned, side stream on CUDA).
+        options: Rules, group size, threshold.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 1))
+        >>> hooks = SavedTensorHooks(model, codec="int8", offload=False).install()
+        >>> model(torch.randn(32, 64)).sum().backward()
+        >>> hooks.stats.packed > 0
+        True
+        >>> hooks.remove()
+    """
+
+    def __init__(
+        self, model: nn.Module, *, codec: str, offload: bool, options: ActivationOptions | None = None
+    ) -> None:
+        self.model = model
+        self.codec = codec
+        self.offload = offload
+        self.options = options or ActivationOptions()
+        self.stats = PackStats()
+        self._local = threading.local()
+        self._entries: weakref.WeakValueDictionary[tuple[object, ...], _Entry] = weakref.WeakValueDictionary()
+        self._segments: dict[int, list[weakref.ref[_Entry]]] = {}
+        self._segment = 0
+        self._param_ptrs: set[int] = set()
+        self._offloaders: dict[torch.device, Offloader] = {}
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._handles: list[Any] = []
+        self.scoped_modules: list[str] = []
+
+    # -- installation ----------------------------------------------------------------------
+    def install(self, blocks: tuple[nn.Module, ...] = ()) -> SavedTensorHooks:
+        """Register the forward hooks on the model; ``blocks`` are its decoder blocks."""
+        block_ids = {id(b) for b in blocks}
+        self._param_ptrs = _storage_ptrs(self.model)
+        self._handles.append(self.model.register_forward_pre_hook(self._enter))
+        self._handles.append(self.model.register_forward_hook(self._exit, always_call=True))
+        for name, module, scope in self._scopes(block_ids):
+            self.scoped_modules.append(name)
+            self._handles.append(module.register_forward_pre_hook(self._push(scope)))
+            self._handles.append(module.register_forward_hook(self._pop(scope), always_call=True))
+        return self
+
+    def remove(self) -> None:
+        """Remove every hook; saved data already packed stays valid until its graph is freed."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _scopes(self, block_ids: set[int]) -> Iterator[tuple[str, nn.Module, Scope]]:
+        """Modules whose saved tensors are stored differently from their parent's."""
+        inherited: dict[str, str] = {}  # codec each module hands down to its submodules
+        on_top: dict[str, str] = {}  # codec of the innermost scope pushed around a module's children
+        for name, module in self.model.named_modules():
+            up = name.rpartition(".")[0]
+            parent, parent_top = inherited.get(up, self.codec), on_top.get(up, self.codec)
+            if not name:
+                parent = parent_top = self.codec
+            rule = self.options.rule_for(name, type(module)) if self.codec != "none" else None
+            codec = parent if rule is None else more_precise(self.codec, rule.codec)
+            inherited[name] = codec if rule is None or rule.subtree else parent
+            linear = isinstance(module, nn.Linear)
+            weights = frozenset(
+                shape
+                for p in module.parameters(recurse=False)
+                if p.dim() >= 2
+                for shape in (tuple(p.shape), (*p.shape[:-2], p.shape[-1], p.shape[-2]))
+            )
+            block = id(module) in block_ids
+            dropout = isinstance(module, nn.modules.dropout._DropoutNd)
+            pushed = codec != parent_top or linear or bool(weights) or block or dropout or not name
+            on_top[name] = codec if pushed else parent_top
+            if pushed:
+                yield name, module, Scope(codec, linear, weights, block, dropout)
+
+    # -- module hooks ----------------------------------------------------------------------
+    def _stack(self) -> list[Scope]:
+        stack: list[Scope] | None = getattr(self._local, "stack", None)
+        if stack is None:
+            stack = self._local.stack = []
+        return stack
+
+    def _push(self, scope: Scope) -> Callable[[nn.Module, Any], None]:
+        def pre(module: nn.Module, args: Any) -> None:
+            self._stack().append(scope)
+            if scope.block:
+                self._segment += 1
+            if scope.weight_shapes:  # weights FSDP unsharded in its pre-forward hook count too
+                self._param_ptrs.update(_storage_ptrs(module, recurse=False))
+
+        return pre
+
+    def _pop(self, scope: Scope) -> Callable[[nn.Module, Any, Any], None]:
+        def post(module: nn.Module, args: Any, output: Any) -> None:
+            stack = self._stack()
+            if any(s is scope for s in stack):
+                while stack.pop() is not scope:  # and any scope above it left by an exception
+                    pass
+            if scope.block:
+                self._segment += 1
+
+        return post
+
+    @torch.compiler.disable  # type: ignore[untyped-decorator]
+    def _enter(self, module: nn.Module, args: Any) -> None:
+        active = torch.is_grad_enabled() and module.training
+        if active and _compiled(module):
+            raise TechniqueUnavailableError(_COMPILE_MESSAGE)
+        context = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack) if active else None
+        if context is not None:
+            self._param_ptrs = _storage_ptrs(module)
+            self._prune_segments()
+            context.__enter__()
+        self._contexts().append(context)
+
+    def _exit(self, module: nn.Module, args: Any, output: Any) -> None:
+        contexts = self._contexts()
+        context = contexts.pop() if contexts else None
+        if context is not None:
+            context.__exit__(None, None, None)
+
+    def _contexts(self) -> list[Any]:
+        """The autograd hook contexts this thread entered (one per root forward running)."""
+        contexts: list[Any] | None = getattr(self._local, "contexts", None)
+        if contexts is None:
+            contexts = self._local.contexts = []
+        return contexts
+
+    def _prune_segments(self) -> None:
+        """Forget the segments whose entries have all been freed (their graphs are gone)."""
+        for segment in [s for s, refs in self._segments.items() if all(r() is None for r in refs)]:
+            del self._segments[segment]
+
+    # -- pack / unpack ---------------------------------------------------------------------
+    def _scope(self) -> Scope:
+        stack = self._stack()
+        return stack[-1] if stack else Scope(self.codec)
+
+    def _pack(self, tensor: torch.Tensor) -> Any:
+        if _is_parameter(tensor, self._param_ptrs):
+            self.stats.parameters += 1
+            return tensor.detach()
+        scope = self._scope()
+        codec = self._codec_for(tensor, scope)
+        if codec is None:
+            return self._keep(tensor)
+        flat_layout = flatten(tensor)
+        if flat_layout is None:
+            return self._keep(tensor)
+        flat, layout = flat_layout
+        key = (layout.region or (tensor.data_ptr(), tensor.shape, tensor.stride(), tensor._version), codec)
+        storage = tensor.untyped_storage()
+        entry = self._entries.get(key)
+        if entry is not None and entry.storage() is storage:
+            self.stats.deduplicated += 1
+            return _Handle(entry, layout)
+        entry = self._new_entry(flat, codec, scope, weakref.ref(storage))
+        self._entries[key] = entry
+        return _Handle(entry, layout)
+
+    def _codec_for(self, tensor: torch.Tensor, scope: Scope) -> str | None:
+        """The codec for ``tensor``: ``'mask'`` for bool, ``None`` to keep it as it is."""
+        if tensor.dtype == torch.bool:
+            return "mask" if tensor.numel() >= self.options.min_numel else None
+        if not tensor.is_floating_point() or tensor.numel() < self.options.min_numel:
+            return None
+        if tensor.device.type == "meta" or not _dense_storage(tensor):
+            return None
+        if scope.dropout and _is_scaled_mask(tensor):
+            return "mask"
+        codec = scope.codec
+        if codec != "none" and tuple(tensor.shape) in scope.weight_shapes:
+            codec = more_precise(codec, self.options.weight_copies)
+        if codec == "none" and not self.offload:
+            return None
+        return codec
+
+    def _keep(self, tensor: torch.Tensor) -> torch.Tensor | _Handle:
+        """Keep ``tensor`` exact: as it is, or moved to host memory when offloading."""
+        if self.offload:
+            flat_layout = flatten(tensor)
+            if flat_layout is not None:
+                flat, layout = flat_layout
+                storage = weakref.ref(tensor.untyped_storage())
+                return _Handle(self._new_entry(flat, "none", self._scope(), storage), layout)
+        self.stats.kept += 1
+        tag_tensor(tensor, "activations")
+        return tensor.detach()
+
+    def _new_entry(self, flat: torch.Tensor, codec: str, scope: Scope, storage: Any) -> _Entry:
+        data: tuple[torch.Tensor, ...]
+        meta: Encoded | int | None
+        if codec == "mask" and flat.dtype == torch.bool:
+            kind, data, meta = "mask", (pack_mask(flat),), flat.numel()
+        elif codec == "mask":  # a dropout mask in floating point: 0 or one scale
+            scale = flat.detach().amax().reshape(1)
+            kind, data, meta = "mask", (pack_mask(flat != 0), scale), flat.numel()
+        elif codec == "none":
+            kind, data, meta = "raw", (flat.detach(),), None
+        else:
+            spec = CodecSpec(codec, self.options.group_size, stochastic=scope.stochastic)
+            enc = encode(flat.detach(), spec, self._generator(flat.device) if scope.stochastic else None)
+            kind, data, meta = "codec", enc.tensors(), enc
+            # inf or NaN in a group make its min/max (or absmax) non-finite: checking the
+            # scales is as sound as checking the tensor, and reads far fewer elements
+            if self.options.check_finite and not bool(torch.isfinite(enc.meta).all()):
+                codec, kind, data, meta = "none", "raw", (flat.detach(),), None
+        self.stats.packed += 1
+        self.stats.by_codec[codec] = self.stats.by_codec.get(codec, 0) + 1
+        stored: tuple[torch.Tensor, ...] | HostCopy = data
+        if self.offload:
+            self.stats.offloaded += 1
+            stored = self._offloader(flat.device).store(data)
+        else:
+            for t in data:
+                tag_tensor(t, "activations")
+        entry = _Entry(kind, stored, meta, self._segment, storage)
+        if self.offload:  # what the prefetch walks
+            self._segments.setdefault(self._segment, []).append(weakref.ref(entry))
+        return entry
+
+    def _unpack(self, saved: Any) -> torch.Tensor:
+        if isinstance(saved, torch.Tensor):
+            return saved
+        entry: _Entry = saved.entry
+        if isinstance(entry.data, HostCopy):
+            offloader = self._offloader(entry.data.device)
+            self._prefetch_before(entry.segment, offloader)
+            self.stats.fetched += 1
+            tensors = offloader.fetch(entry.data)
+        else:
+            tensors = entry.data
+        layout: Layout = saved.layout
+        return layout.restore(_flat(entry, tensors))
+
+    def _prefetch_before(self, segment: int, offloader: Offloader) -> None:
+        """Start bringing back the entries of the nearest earlier segment that has any."""
+        for earlier in sorted((s for s in self._segments if s < segment), reverse=True):
+            live = [e for ref in self._segments[earlier] if (e := ref()) is not None]
+            if not live:
+                del self._segments[earlier]
+                continue
+            for e in live:
+                if isinstance(e.data, HostCopy) and e.data.prefetched is None:
+                    self.stats.prefetched += 1
+                    offloader.prefetch(e.data)
+            return
+
+    # -- per-device helpers ----------------------------------------------------------------
+    def _offloader(self, device: torch.device) -> Offloader:
+        if device not in self._offloaders:
+            self._offloaders[device] = Offloader(device)
+        return self._offloaders[device]
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device).manual_seed(self.options.seed)
+        return self._generators[device]
+
+
+def _compiled(module: nn.Module) -> bool:
+    """Whether ``module`` runs under ``torch.compile`` (``module.compile()`` or a wrapper)."""
+    if getattr(module, "_compiled_call_impl", None) is not None:
+        return True
+    frame: FrameType | None = sys._getframe(2)
+    for _ in range(64):  # OptimizedModule.__call__ is a few frames up from the hook
+        if frame is None:
+            return False
+        if type(frame.f_locals.get("self")).__name__ == "OptimizedModule":
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _flat(entry: _Entry, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    if entry.kind == "codec":
+        enc: Encoded = entry.meta
+        return decode(enc.replace_tensors(tensors))
+    if entry.kind == "mask":
+        mask = unpack_mask(tensors[0], entry.meta)
+        return mask if len(tensors) == 1 else mask.to(tensors[1].dtype) * tensors[1]
+    return tensors[0]
+
+
+def _is_scaled_mask(tensor: torch.Tensor) -> bool:
+    """Whether every element is 0 or the tensor's maximum (a dropout mask scaled by 1/(1-p))."""
+    top = tensor.amax()
+    return bool(((tensor == 0) | (tensor == top)).all())
+
+
+def _storage_ptrs(model: nn.Module, recurse: bool = True) -> set[int]:
+    tensors = [*model.parameters(recurse=recurse), *model.buffers(recurse=recurse)]
+    return {t.untyped_storage().data_ptr() for t in tensors if t.device.type != "meta"}
+
+
+def _is_parameter(tensor: torch.Tensor, ptrs: set[int]) -> bool:
+    if isinstance(tensor, nn.Parameter):
+        return True
+    try:
+        return tensor.untyped_storage().data_ptr() in ptrs
+    except (RuntimeError, NotImplementedError):
+        return True  # no storage of its own (a wrapper subclass): leave it alone
+
+
+def _dense_storage(tensor: torch.Tensor) -> bool:
+    return type(tensor) is torch.Tensor or type(tensor) is nn.Parameter
