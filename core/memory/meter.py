@@ -325,6 +325,8 @@ class MemoryMeter:
                     self._on_parameter(None, "", param)
                 for buf in obj.buffers():
                     self._tag(buf, "parameters", add=True)
+                for tensor in _quantization_state(obj):
+                    self._tag(tensor, "parameters", add=True)
             else:
                 self._on_step_pre(obj, (), {})  # type: ignore[arg-type]
                 self._on_step_post(obj, (), {})  # type: ignore[arg-type]
@@ -480,6 +482,25 @@ def _category_at_peak(record: _Record, category_then: str) -> str:
     if now != "offloaded" and _PRIORITY[now] > _PRIORITY[category_then]:
         return now
     return category_then
+
+
+def _quantization_state(model: nn.Module) -> list[torch.Tensor]:
+    """Tensors bitsandbytes keeps beside quantized weights as plain attributes, not buffers.
+
+    A 4-bit weight's ``quant_state`` (``absmax``, ``code``, ``offset`` and the nested state of
+    double quantization) and LLM.int8's ``SCB`` (on the weight, or on ``layer.state``) are part
+    of the weights' memory but invisible to ``parameters()`` and ``buffers()``.
+    """
+    found: list[object] = []
+    for module in model.modules():
+        found.append(getattr(getattr(module, "state", None), "SCB", None))
+        for param in module.parameters(recurse=False):
+            found.append(getattr(param, "SCB", None))
+            state = getattr(param, "quant_state", None)
+            while state is not None:
+                found.extend(getattr(state, name, None) for name in ("absmax", "code", "offset"))
+                state = getattr(state, "state2", None)
+    return [t for t in found if isinstance(t, torch.Tensor)]
 
 
 def _check_trackable(obj: object) -> None:

@@ -1,0 +1,182 @@
+"""``nn.Linear`` to and from bitsandbytes' ``Linear4bit`` (NF4/FP4) and ``Linear8bitLt`` (LLM.int8).
+
+The converted layers are the ones ``BitsAndBytesConfig`` would create, so PEFT recognizes
+them (its ``lora.bnb`` layers) and their ``state_dict`` has bitsandbytes' own keys. Two gaps of
+bitsandbytes 0.50 are closed here with ``load_state_dict`` pre-hooks on the converted layer:
+``Linear4bit`` has no loader for its quantization state (transformers' quantizer usually does
+that), and ``Linear8bitLt`` refuses to load once a forward has moved its scales into
+``layer.state``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ciuic.memory import tag_tensor
+
+from .functional import storage_bytes
+
+
+def is_bnb_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is a bitsandbytes ``Linear4bit`` or ``Linear8bitLt``."""
+    from bitsandbytes.nn import modules as bnbm
+
+    return isinstance(module, (bnbm.Linear4bit, bnbm.Linear8bitLt))
+
+
+def quantize_linear(linear: nn.Linear, format: str, *, double_quant: bool = False) -> nn.Linear:
+    """A bitsandbytes layer holding ``linear``'s weight in ``format`` and sharing its bias.
+
+    ``linear`` itself is not changed. The new layer computes in the weight's original dtype.
+
+    Example:
+        >>> import torch
+        >>> q = quantize_linear(torch.nn.Linear(64, 32), "nf4")
+        >>> type(q).__name__, q(torch.randn(2, 64)).shape
+        ('Linear4bit', torch.Size([2, 32]))
+    """
+    from bitsandbytes.nn import modules as bnbm
+
+    weight = linear.weight.detach()
+    q: nn.Linear
+    if format == "int8":
+        q = bnbm.Linear8bitLt(
+            linear.in_features, linear.out_features, bias=False, has_fp16_weights=False, device="meta"
+        )
+        int8 = bnbm.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+        q.weight = int8._quantize(weight.device)
+        q.register_load_state_dict_pre_hook(_restore_int8_scales)
+    elif format in ("nf4", "fp4"):
+        q = bnbm.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=False,
+            compute_dtype=weight.dtype,
+            compress_statistics=double_quant,
+            quant_type=format,
+            device="meta",
+        )
+        q.weight = bnbm.Params4bit(
+            weight, requires_grad=False, compress_statistics=double_quant, quant_type=format, module=q
+        )._quantize(weight.device)
+        q.register_load_state_dict_pre_hook(_load_4bit_state)
+        # bitsandbytes 0.50.2 repacks a 4-bit weight in place for its avx512-bf16 CPU kernel on
+        # the first eval/no-grad forward, rounding the scales to bf16; its inverse (run by
+        # state_dict()) leaves the scales transposed, so the layer then computes with wrong
+        # weights (SNR measured -3 dB). Keeping the portable path keeps numerics exact.
+        q.support_avx512bf16_for_cpu = False
+    else:
+        raise ValueError(f"format={format!r} is not a bitsandbytes linear format: use 'int8', 'nf4', 'fp4'.")
+    if linear.bias is not None:
+        q.bias = linear.bias
+    q.train(linear.training)
+    # The scales are plain attributes, not parameters or buffers: tell an active MemoryMeter
+    # that they belong to the weights (its registration hooks only see the packed weight).
+    for tensor in _stored_tensors(q):
+        tag_tensor(tensor, "parameters")
+    return q
+
+
+def dequantize_linear(q: Any) -> torch.Tensor:
+    """The dense weight a bitsandbytes linear stores, in the dtype it was quantized from
+    (LLM.int8 returns fp32: it keeps no record of the original dtype)."""
+    import bitsandbytes.functional as bnbf
+    from bitsandbytes.nn import modules as bnbm
+
+    if isinstance(q, bnbm.Linear4bit):
+        weight: Any = q.weight
+        data, state = weight.data, weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            # bitsandbytes repacks 4-bit weights in place for its CPU inference kernel.
+            inverse = bnbm._convert_weight_packed_for_cpu_inverse  # type: ignore[attr-defined]
+            data, state = inverse(data, state)
+        out: torch.Tensor = bnbf.dequantize_4bit(data, state)
+        return out
+    if isinstance(q, bnbm.Linear8bitLt):
+        code, scales = _int8_tensors(q)
+        dense: torch.Tensor = bnbf.int8_vectorwise_dequant(code, scales)
+        return dense
+    raise TypeError(f"{type(q).__name__} is not a bitsandbytes Linear4bit or Linear8bitLt.")
+
+
+def linear_storage_bytes(q: Any) -> int:
+    """Bytes a bitsandbytes linear's weight really holds: packed data plus every scale."""
+
+    return storage_bytes(*_stored_tensors(q))
+
+
+def _stored_tensors(q: Any) -> list[torch.Tensor]:
+    from bitsandbytes.nn import modules as bnbm
+
+    if isinstance(q, bnbm.Linear8bitLt):
+        return list(_int8_tensors(q))
+    state = q.weight.quant_state
+    # state.code is the 16-entry NF4/FP4 table: quantize_4bit gives each layer its own copy.
+    tensors = [q.weight, state.absmax, state.code]
+    if state.nested:
+        tensors += [state.state2.absmax, state.state2.code, state.offset]
+    return tensors
+
+
+def _int8_tensors(q: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    # Linear8bitLt moves CB/SCB from the weight to layer.state on its first forward.
+    code = q.weight.CB if q.weight.CB is not None else q.state.CB
+    scales = q.weight.SCB if q.weight.SCB is not None else q.state.SCB
+    return (q.weight.data if code is None else code), scales
+
+
+def _restore_int8_scales(module: Any, *args: Any) -> None:
+    weight = module.weight
+    if weight.SCB is None and module.state.SCB is not None:
+        weight.CB, weight.SCB = weight.data, module.state.SCB
+        module.state.CB = module.state.SCB = None
+
+
+def _load_4bit_state(module: Any, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    import bitsandbytes.functional as bnbf
+
+    key = f"{prefix}weight."
+    stats = {name[len(key) :]: state_dict.pop(name) for name in list(state_dict) if name.startswith(key)}
+    if not stats or f"{prefix}weight" not in state_dict:
+        return
+    weight = module.weight
+    weight.quant_state = module.quant_state = bnbf.QuantState.from_dict(stats, device=weight.device)
+    weight.data = torch.empty_like(state_dict[f"{prefix}weight"], device=weight.device)
+
+
+def swap_lora_wrapper(wrapper: nn.Module, format: str) -> type | None:
+    """Turn a PEFT ``lora.Linear`` whose base layer became a bitsandbytes layer into PEFT's
+    ``lora.bnb`` class for that layer; returns the previous class (None if nothing to do).
+
+    Why: converting after ``get_peft_model`` must give the model converting before gives. PEFT
+    picks ``lora.bnb.Linear4bit``/``Linear8bitLt`` when it wraps a bitsandbytes layer; those
+    dequantize to merge and unmerge, whereas ``lora.Linear.merge`` would add to the packed
+    weight. Both classes hold the same LoraLayer state, so only the class changes.
+    """
+    from peft.tuners.lora import layer as lora_layer
+
+    if type(wrapper) is not lora_layer.Linear:
+        return None
+    from peft.tuners.lora import bnb as lora_bnb
+
+    previous = type(wrapper)
+    new_class: type = lora_bnb.Linear8bitLt if format == "int8" else lora_bnb.Linear4bit
+    wrapper.__class__ = new_class
+    return previous
+
+
+def unswap_lora_wrapper(wrapper: nn.Module) -> None:
+    """Turn PEFT's ``lora.bnb`` wrapper of a layer that is dense again into ``lora.Linear``
+    (what PEFT would have built over the dense layer); other modules are left as they are."""
+    cls = type(wrapper)
+    if cls.__module__ != "peft.tuners.lora.bnb" or cls.__name__ not in ("Linear4bit", "Linear8bitLt"):
+        return
+    from peft.tuners.lora import layer as lora_layer
+
+    wrapper.__class__ = lora_layer.Linear
+    # lora.Linear reads these two; PEFT sets them in lora.Linear.__init__ (off for nn.Linear).
+    wrapper.__dict__.setdefault("fan_in_fan_out", False)
+    wrapper.__dict__.setdefault("is_target_conv_1d_layer", False)

@@ -1,0 +1,94 @@
+"""`WeightOptions`: what :func:`ciuic.weights.quantize_` does to the frozen weights of a model.
+
+``ciuic.apply_(model, CiuicConfig(weights="nf4"))`` uses ``WeightOptions(format="nf4")``; call
+:func:`ciuic.weights.quantize_` with a ``WeightOptions`` for the options that ``CiuicConfig``
+does not carry (double quantization, the head in int8, modules to freeze, pruning).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ciuic.errors import ConfigError
+
+FORMATS = ("none", "int8", "nf4", "fp4")
+"""Storage formats: ``'none'`` (dense, e.g. for pruning alone), LLM.int8, and the two 4-bit ones."""
+
+PRUNE_PATTERN = re.compile(r"^(\d+):(\d+)$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class WeightOptions:
+    """Options of the frozen-weight conversion, validated at construction.
+
+    Args:
+        format: ``'nf4'`` or ``'fp4'`` (4-bit, QLoRA), ``'int8'`` (LLM.int8 for linears,
+            block-wise 8-bit for fused experts) or ``'none'`` (keep dense; only with ``prune``).
+        double_quant: Quantize the 4-bit block scales again (QLoRA's double quantization),
+            for ``nn.Linear`` layers; saves about 0.37 bit per weight.
+        quantize_head: Also convert ``lm_head`` to LLM.int8 (embeddings stay dense: a lookup
+            table gains nothing from bitsandbytes' int8 matmul). Off by default: the head
+            sees every token's logits and is the layer most sensitive to quantization noise.
+        freeze: Module-name prefixes whose parameters are frozen (``requires_grad=False``)
+            before converting, which is what lets a full-fine-tuning model be quantized.
+        skip: Module-name prefixes left dense in any case.
+        prune: ``None``; an ``'N:M'`` pattern such as ``'2:4'`` (keep the N largest-magnitude
+            weights of every M consecutive inputs); or a float in ``(0, 1)``, the fraction of each
+            weight to zero by magnitude. Pruned weights are stored as packed kept values plus a
+            bit mask (the values quantized too when ``format`` is 4-bit or int8).
+
+    Example:
+        >>> from ciuic.weights import WeightOptions
+        >>> WeightOptions(format="nf4", prune="2:4").prune
+        '2:4'
+    """
+
+    format: str = "nf4"
+    double_quant: bool = False
+    quantize_head: bool = False
+    freeze: tuple[str, ...] = ()
+    skip: tuple[str, ...] = ()
+    prune: str | float | None = None
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            allowed = ", ".join(map(repr, FORMATS))
+            raise ConfigError(f"format={self.format!r} is not allowed. Allowed: {allowed}.")
+        for name in ("double_quant", "quantize_head"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not allowed. Allowed: True or False.")
+        for name in ("freeze", "skip"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not all(isinstance(item, str) for item in value):
+                raise ConfigError(
+                    f"{name}={value!r} is not allowed. Allowed: a tuple of module-name prefixes, "
+                    f"e.g. ('model.layers',)."
+                )
+            object.__setattr__(self, name, tuple(value))
+        self._check_prune()
+        if self.format == "none" and self.prune is None:
+            raise ConfigError(
+                "format='none' with prune=None converts nothing. Allowed: a format in 'int8', 'nf4', "
+                "'fp4', or a prune pattern such as '2:4'."
+            )
+
+    def _check_prune(self) -> None:
+        prune = self.prune
+        if prune is None:
+            return
+        if isinstance(prune, str):
+            match = PRUNE_PATTERN.match(prune)
+            if match and 0 < int(match[1]) < int(match[2]) <= 32:
+                return
+        elif isinstance(prune, float) and 0.0 < prune < 1.0:
+            return
+        raise ConfigError(
+            f"prune={prune!r} is not allowed. Allowed: None, an 'N:M' pattern with 0 < N < M <= 32 "
+            f"(e.g. '2:4'), or a float sparsity in (0, 1) (e.g. 0.5)."
+        )
+
+    @property
+    def quantized(self) -> bool:
+        """Whether weights are stored in a bitsandbytes format (not only pruned)."""
+        return self.format != "none"

@@ -1,0 +1,132 @@
+"""What ``quantize_`` converts, what it leaves alone and says so, and the errors it raises."""
+
+from __future__ import annotations
+
+import tempfile
+
+import pytest
+import torch
+from torch import nn
+
+import ciuic
+from ciuic import ApplyError, CiuicConfig
+from ciuic.weights import QuantizedExperts, WeightOptions, quantize_
+from ciuic.weights.linear import is_bnb_linear
+from tests.core.weights.helpers import HIDDEN, frozen_deepseek, frozen_qwen2
+from tests.models import deepseek_v3, progressions, qwen2
+
+
+def test_full_fine_tuning_model_raises_a_clear_error() -> None:
+    model = deepseek_v3(hidden_size=HIDDEN)  # every parameter trainable
+    with pytest.raises(ApplyError, match=r"require grad \(full fine-tuning\).*freeze=\('model.layers',\)"):
+        ciuic.apply_(model, CiuicConfig(weights="nf4"))
+    assert ciuic.handle_of(model) is None
+    assert all(p.requires_grad and p.device.type == "cpu" for p in model.parameters())
+
+
+def test_naming_modules_to_freeze_quantizes_them_and_undo_unfreezes() -> None:
+    model = deepseek_v3(hidden_size=HIDDEN)
+    applied = quantize_(model, WeightOptions(format="nf4", freeze=("model.layers",)))
+    assert applied.details["coverage"] >= 0.95
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(not n.startswith("model.layers.") for n in trainable)  # embeddings, head
+    applied.undo()
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_trainable_modules_are_never_quantized() -> None:
+    model = frozen_qwen2()
+    model.model.layers[0].self_attn.q_proj.requires_grad_(True)
+    applied = quantize_(model, WeightOptions(format="int8"))
+    assert type(model.model.layers[0].self_attn.q_proj) is nn.Linear
+    reasons = dict(applied.skipped)
+    assert "trainable (requires_grad=True)" in reasons["model.layers.0.self_attn.q_proj"]
+
+
+def test_router_gates_and_skip_names_are_left_dense_with_reasons() -> None:
+    class Moe(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = nn.Linear(64, 4)  # a router (Qwen-MoE / Mixtral style)
+            self.proj = nn.Linear(64, 64)
+            self.keep = nn.Linear(64, 64)
+
+    model = Moe().requires_grad_(False)
+    applied = quantize_(model, WeightOptions(format="nf4", skip=("keep",)))
+    assert applied.changed == ["proj"]
+    reasons = dict(applied.skipped)
+    assert "router" in reasons["gate"] and "skip" in reasons["keep"]
+
+
+def test_quantize_head_puts_lm_head_in_int8() -> None:
+    model = frozen_deepseek()
+    applied = quantize_(model, WeightOptions(format="nf4", quantize_head=True))
+    import bitsandbytes as bnb
+
+    assert isinstance(model.lm_head, bnb.nn.Linear8bitLt)
+    assert isinstance(model.model.layers[0].self_attn.q_a_proj, bnb.nn.Linear4bit)
+    assert applied.details["coverage"] == 1.0
+    assert type(model.model.embed_tokens) is nn.Embedding
+
+
+def test_double_quant_reduces_bytes_further() -> None:
+    plain = quantize_(frozen_qwen2(), WeightOptions(format="nf4")).details
+    double = quantize_(frozen_qwen2(), WeightOptions(format="nf4", double_quant=True)).details
+    assert double["stored_bytes"] < plain["stored_bytes"]
+    assert double["ratio_vs_bf16"] <= 0.27
+
+
+def test_nothing_to_convert_raises() -> None:
+    model = nn.Sequential(nn.LayerNorm(8), nn.Embedding(4, 8)).requires_grad_(False)
+    with pytest.raises(ApplyError, match="found nothing to convert in Sequential"):
+        quantize_(model, WeightOptions(format="nf4"))
+
+
+def test_model_loaded_with_bitsandbytes_config_is_left_alone() -> None:
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    with tempfile.TemporaryDirectory() as folder:
+        qwen2(hidden_size=128).save_pretrained(folder)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            folder, quantization_config=BitsAndBytesConfig(load_in_4bit=True), device_map="cpu"
+        )
+    layers = {n: m for n, m in loaded.named_modules()}
+    handle = ciuic.apply_(loaded, CiuicConfig(weights="nf4"))
+    record = handle.applied[0]
+    assert record.changed == []
+    assert record.skipped[0][0] == "model" and "already quantized by transformers" in record.skipped[0][1]
+    assert {n: m for n, m in loaded.named_modules()} == layers
+    ciuic.remove_(loaded)
+
+
+def test_converting_a_converted_model_again_finds_nothing_and_says_why() -> None:
+    model = frozen_deepseek()
+    first = quantize_(model, WeightOptions(format="int8"))
+    with pytest.raises(ApplyError, match="already stored by bitsandbytes/ciuic"):
+        quantize_(model, WeightOptions(format="nf4", skip=("lm_head",)))
+    first.undo()
+    assert not any(is_bnb_linear(m) for m in model.modules())
+
+
+def test_experts_forward_dequantizes_only_routed_experts() -> None:
+    model = frozen_deepseek(torch.float32)
+    quantize_(model, WeightOptions(format="nf4"))
+    experts = next(m for m in model.modules() if isinstance(m, QuantizedExperts))
+    used: list[int] = []
+    original = experts.expert_weight
+    experts.expert_weight = lambda name, e: used.append(e) or original(name, e)  # type: ignore[method-assign]
+    ids = torch.zeros(1, 1, dtype=torch.long)  # one token: at most num_experts_per_tok experts
+    with torch.no_grad():
+        model(ids)
+    assert 1 <= len(set(used)) <= 2 < experts.num_experts
+
+
+def test_reported_bytes_match_the_modules_storage() -> None:
+    model = frozen_deepseek()
+    applied = quantize_(model, WeightOptions(format="nf4"))
+    assert applied.details["dense_bytes"] == applied.details["bf16_bytes"]  # the model is bf16
+    converted = [model.get_submodule(n) for n in applied.changed]
+    assert sum(is_bnb_linear(m) for m in converted) == len(converted) - 1
+    ids = progressions(batch_size=1, seq_len=8)
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()

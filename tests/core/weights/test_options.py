@@ -1,0 +1,48 @@
+"""``WeightOptions`` validation: every invalid value names the field, the value and what is allowed."""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+
+import pytest
+
+from ciuic import ConfigError
+from ciuic.weights import WeightOptions
+
+INVALID = {
+    "format": ["int4", "NF4", None],
+    "double_quant": [1, "yes"],
+    "quantize_head": [0, None],
+    "freeze": ["model.layers", (1,)],
+    "skip": ["lm_head", (None,)],
+    "prune": ["2:2", "4:2", "0:4", "2-4", 0.0, 1.0, 1, "50%"],
+}
+
+
+@pytest.mark.parametrize(("field", "value"), [(f, v) for f, values in INVALID.items() for v in values])
+def test_invalid_values_name_field_value_and_allowed(field: str, value: object) -> None:
+    with pytest.raises(ConfigError) as error:
+        WeightOptions(**{field: value})
+    assert f"{field}={value!r} is not allowed" in str(error.value)
+    assert "Allowed:" in str(error.value)
+
+
+def test_every_field_has_invalid_examples() -> None:
+    assert set(INVALID) == {f.name for f in dataclasses.fields(WeightOptions)}
+
+
+def test_format_none_needs_pruning() -> None:
+    with pytest.raises(ConfigError, match="converts nothing"):
+        WeightOptions(format="none")
+    assert not WeightOptions(format="none", prune="2:4").quantized
+
+
+def test_options_are_frozen_keyword_only_and_pickle() -> None:
+    options = WeightOptions(format="int8", freeze=["model.layers"], prune=0.5)  # type: ignore[arg-type]
+    assert options.freeze == ("model.layers",)
+    assert pickle.loads(pickle.dumps(options)) == options
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.format = "nf4"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        WeightOptions("nf4")  # type: ignore[misc]
