@@ -417,6 +417,8 @@ class MemoryMeter:
                 record = self._see(tensor)
                 if record is None:
                     return None
+            if record.host and category != "offloaded":
+                return record  # host memory stays "offloaded": it is not part of the device peak
             if _PRIORITY[category] > _PRIORITY[record.category]:
                 if category == "offloaded" and not record.host:
                     self._close_peak()

@@ -1,0 +1,86 @@
+"""Lean AdamW: ``CiuicConfig(optimizer="adamw8bit"|"adamw4bit", step_in_backward=..., offload=...)``.
+
+:class:`CiuicAdamW` is a drop-in ``torch.optim.Optimizer``; ``ciuic.build_optimizer`` returns one
+whenever the config asks for more than torch's AdamW (this package registers the factory).
+
+Example:
+    >>> import torch, ciuic
+    >>> model = torch.nn.Linear(128, 128)
+    >>> opt = ciuic.build_optimizer(model.parameters(), ciuic.CiuicConfig(optimizer="adamw4bit"), lr=1e-3)
+    >>> type(opt).__name__, opt.state_bits
+    ('CiuicAdamW', 4)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from ciuic.config import CiuicConfig
+from ciuic.errors import ConfigError
+from ciuic.registry import register_optimizer_factory
+
+from .functional import adamw_math, adamw_quantized
+from .optimizer import STATE_BITS, CiuicAdamW
+from .quant import FORMATS, MIN_QUANTIZED_NUMEL, StateFormat, dequantize_blockwise, quantize_blockwise
+
+__all__ = [
+    "FORMATS",
+    "MIN_QUANTIZED_NUMEL",
+    "STATE_BITS",
+    "CiuicAdamW",
+    "StateFormat",
+    "adamw_math",
+    "adamw_quantized",
+    "build_ciuic_adamw",
+    "dequantize_blockwise",
+    "quantize_blockwise",
+]
+
+BITS_OF = {"adamw": 32, "adamw8bit": 8, "adamw4bit": 4}
+"""``CiuicConfig.optimizer`` -> ``CiuicAdamW(state_bits=...)``."""
+
+_FROM_CONFIG = ("state_bits", "step_in_backward", "offload")
+
+
+def build_ciuic_adamw(
+    params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], config: CiuicConfig, **kwargs: Any
+) -> CiuicAdamW:
+    """The registered optimizer factory: ``config`` sets ``state_bits``, ``step_in_backward`` and
+    ``offload``; ``kwargs`` are the other :class:`CiuicAdamW` arguments (``lr``, ``betas``, ``eps``,
+    ``weight_decay``, ``min_quantized_numel``, ``accumulation_steps``).
+
+    Raises:
+        ConfigError: ``kwargs`` repeat what the config sets, or name an unknown argument.
+
+    Example:
+        >>> import torch, ciuic
+        >>> p = [torch.nn.Parameter(torch.zeros(3))]
+        >>> build_ciuic_adamw(p, ciuic.CiuicConfig(step_in_backward=True), lr=0.1).step_in_backward
+        True
+    """
+    clash = [key for key in kwargs if key in _FROM_CONFIG]
+    if clash:
+        raise ConfigError(
+            f"{clash[0]}={kwargs[clash[0]]!r} is set by the config: use CiuicConfig(optimizer=..., "
+            f"step_in_backward=..., offload=...) instead of passing it to build_optimizer."
+        )
+    allowed = ("lr", "betas", "eps", "weight_decay", "min_quantized_numel", "accumulation_steps")
+    unknown = [key for key in kwargs if key not in allowed]
+    if unknown:
+        raise ConfigError(
+            f"build_optimizer got {unknown[0]}={kwargs[unknown[0]]!r}, which CiuicAdamW does not take: "
+            f"allowed are {', '.join(allowed)}."
+        )
+    return CiuicAdamW(
+        params,
+        state_bits=BITS_OF[config.optimizer],
+        step_in_backward=config.step_in_backward,
+        offload="optimizer" in config.offload,
+        **kwargs,
+    )
+
+
+register_optimizer_factory(build_ciuic_adamw)
