@@ -21,18 +21,23 @@ through ``ciuic.build_optimizer`` from the config that asks for it:
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ is not installed
+
 import ciuic
 from ciuic import MemoryMeter
 from ciuic.demo import progression_batches, tiny_deepseek_v3
 from ciuic.optim import FORMATS, CiuicAdamW
+from tests.core.optim.helpers import TinyLM
 
 
 @dataclass(frozen=True)
@@ -68,19 +73,6 @@ def deepseek_progressions(seed: int) -> tuple[nn.Module, Callable[[nn.Module, in
         return model(input_ids=ids, labels=ids).loss
 
     return model, loss
-
-
-class TinyLM(nn.Module):
-    def __init__(self, vocab: int = 64, width: int = 64) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, width)
-        self.mix = nn.Linear(2 * width, 2 * width)
-        self.head = nn.Linear(2 * width, vocab)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        e = self.embed(ids)
-        prev = torch.cat([torch.zeros_like(e[:, :1]), e[:, :-1]], dim=1)
-        return self.head(torch.relu(self.mix(torch.cat([prev, e], dim=-1))))
 
 
 def markov_text(seed: int) -> tuple[nn.Module, Callable[[nn.Module, int], torch.Tensor]]:
