@@ -23,7 +23,7 @@ def _routing(tokens: int, experts: int, seed: int = 0) -> tuple[torch.Tensor, to
 
 @pytest.mark.parametrize("fmt", ["nf4", "fp4", "int8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_forward_is_bitwise_the_eager_experts_on_the_dequantized_weights(
+def test_forward_matches_the_experts_module_on_the_dequantized_weights(
     fmt: str, dtype: torch.dtype
 ) -> None:
     dense = _experts(dtype)
@@ -37,7 +37,10 @@ def test_forward_is_bitwise_the_eager_experts_on_the_dequantized_weights(
     q_in = hidden.clone().requires_grad_()
     ref = dense(ref_in, index, weights.to(dtype))
     out = quantized(q_in, index, weights.to(dtype))
-    assert torch.equal(out, ref)
+    # Not bitwise: transformers runs its experts with grouped_mm, we loop over the routed experts,
+    # and the CPU matmul's accumulation order follows the thread count (1.5e-8 apart at 2 threads).
+    rounding = {torch.float32: (1e-6, 1e-7), torch.bfloat16: (2**-8, 1e-5)}[dtype]
+    torch.testing.assert_close(out, ref, rtol=rounding[0], atol=rounding[1])
     ref.float().square().sum().backward()
     out.float().square().sum().backward()
     tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
