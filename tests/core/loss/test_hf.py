@@ -48,9 +48,13 @@ def test_loss_and_gradients_equal_the_models_own(build: Callable[[], nn.Module])
             assert _rel(p.grad, q.grad) <= 1e-5, name
 
 
-def _train(model: nn.Module, steps: int, lr: float = 3e-3) -> list[float]:
-    # At lr 1e-2 full fine-tuning of the tiny Qwen2 is chaotic: fp32 reordering alone (one chunk or
-    # many) grows to 15% apart by step 100. At 3e-3 the task is still learned and runs stay close.
+def train(model: nn.Module, steps: int, lr: float = 3e-3) -> list[float]:
+    """``steps`` of AdamW on the progression task; the loss of each step.
+
+    At lr 1e-2 full fine-tuning of the tiny Qwen2 is chaotic: fp32 reordering alone (one chunk or
+    many) drives the runs apart (``python bench/loss.py`` prints the gap). At 3e-3 the task is
+    still learned and the runs stay close.
+    """
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     losses = []
     for step in range(steps):
@@ -83,7 +87,7 @@ def lora_with_head(model: nn.Module) -> nn.Module:
 def test_100_steps_track_the_standard_loss(build: Callable[[], nn.Module]) -> None:
     standard, chunked = build(), build()
     apply_chunked_loss(chunked, chunk_bytes=SMALL_CHUNKS)
-    expected, got = _train(standard, 100), _train(chunked, 100)
+    expected, got = train(standard, 100), train(chunked, 100)
     assert expected[-1] < 0.5 * expected[0]  # the task is learned, so the comparison means something
     for step, (a, b) in enumerate(zip(got, expected, strict=True)):
         assert abs(a - b) <= 1e-4 * b, f"step {step}: chunked {a} vs standard {b}"
