@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -26,25 +28,20 @@ def qwen2(*, vocab_size: int = 64, hidden_size: int = 64, num_layers: int = 2, s
     """``Qwen2ForCausalLM`` (grouped-query attention with q/k/v biases), fp32, seeded."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    config = Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(seed)
-    return Qwen2ForCausalLM(config)
+    return _causal_lm(Qwen2Config, Qwen2ForCausalLM, vocab_size, hidden_size, num_layers, seed)
 
 
 def llama(*, vocab_size: int = 64, hidden_size: int = 64, num_layers: int = 2, seed: int = 0) -> nn.Module:
     """``LlamaForCausalLM``, fp32, seeded."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
+    return _causal_lm(LlamaConfig, LlamaForCausalLM, vocab_size, hidden_size, num_layers, seed)
+
+
+def _causal_lm(
+    config_class: Any, model_class: Any, vocab_size: int, hidden_size: int, num_layers: int, seed: int
+) -> nn.Module:
+    config = config_class(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
@@ -55,7 +52,8 @@ def llama(*, vocab_size: int = 64, hidden_size: int = 64, num_layers: int = 2, s
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
+    model: nn.Module = model_class(config)
+    return model
 
 
 def lora(model: nn.Module, *, rank: int = 8, targets: tuple[str, ...] = LORA_TARGETS) -> nn.Module:
