@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensor
 
 from ciuic.errors import ConfigError
 from ciuic.memory import tag_allocations
@@ -126,6 +127,22 @@ def _check_inputs(
         )
 
 
+def _check_classes(target: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+    """Class indices outside ``[0, vocab_size)`` would fail deep inside a chunk (or, on CUDA, as
+    an asynchronous device assert); name them here instead. Skipped for fake and meta tensors,
+    which hold no values."""
+    if target.device.type == "meta" or isinstance(target, FakeTensor) or target.numel() == 0:
+        return
+    bad = (target != ignore_index) & ((target < 0) | (target >= vocab_size))
+    if bool(bad.any()):
+        first = int(target[bad].reshape(-1)[0])
+        raise ValueError(
+            f"target holds class index {first}, outside [0, {vocab_size}) for an lm_head of {vocab_size} "
+            f"rows (ignore_index={ignore_index} marks tokens without a loss): check the labels and the "
+            f"vocabulary size."
+        )
+
+
 def _describe(value: object) -> str:
     if isinstance(value, torch.Tensor):
         return f"Tensor(shape={tuple(value.shape)}, dtype={value.dtype})"
@@ -195,6 +212,7 @@ def linear_cross_entropy(
         True
     """
     _check_inputs(hidden, weight, target, bias, reduction, num_items_in_batch, softcap, logit_scale, shift)
+    _check_classes(target, weight.shape[0], ignore_index)
     if shift:
         target = _shift(target, ignore_index)
     cast = _autocast_dtype(hidden.device.type)

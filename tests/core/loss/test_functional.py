@@ -185,6 +185,12 @@ BAD_CALLS = {
     ),
     "weight_shape": ({"weight": torch.zeros(VOCAB, HIDDEN + 1)}, ValueError, "weight=.*lm_head weight"),
     "bias_shape": ({"bias": torch.zeros(VOCAB + 1)}, ValueError, rf"bias=.*\({VOCAB},\)"),
+    "class_out_of_range": (
+        {"target": torch.full((3, 11), VOCAB)},
+        ValueError,
+        rf"class index {VOCAB}, outside \[0, {VOCAB}\)",
+    ),
+    "negative_class": ({"target": torch.full((3, 11), -5)}, ValueError, r"class index -5, outside"),
     "dtype_mismatch": (
         {"weight": torch.zeros(VOCAB, HIDDEN, dtype=torch.float64)},
         ValueError,
