@@ -24,13 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ is not installed
 
-from ciuic import MemoryMeter
 from ciuic.loss import apply_chunked_loss, linear_cross_entropy, reference_linear_cross_entropy
 from tests.core.loss.test_hf import TRAINING, train
+from tests.core.loss.test_memory import measure
 
 HIDDEN, VOCAB = 3584, 152064
 GiB = 2**30
@@ -41,13 +40,7 @@ PATHS: dict[str, Callable[..., torch.Tensor]] = {
 
 
 def peak_gib(loss_fn: Callable[..., torch.Tensor], tokens: int, trainable_head: bool) -> float:
-    with FakeTensorMode():
-        hidden = torch.empty(tokens, HIDDEN, dtype=torch.bfloat16, requires_grad=True)
-        weight = torch.empty(VOCAB, HIDDEN, dtype=torch.bfloat16, requires_grad=trainable_head)
-        target = torch.empty(tokens, dtype=torch.long).random_(0, VOCAB)
-        with MemoryMeter() as meter:
-            loss_fn(hidden, weight, target).backward()
-    return meter.peak_bytes / GiB
+    return measure(loss_fn, trainable_head=trainable_head, tokens=tokens).peak_bytes / GiB
 
 
 def memory_table(token_counts: list[int]) -> None:

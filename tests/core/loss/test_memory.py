@@ -17,11 +17,12 @@ GiB = 2**30
 SMALL_VECTORS = 64 * 2**10  # per-token loss, mask, max, norm of one chunk: a few KiB
 
 
-def _measure(loss_fn: Any, *, trainable_head: bool) -> MemoryMeter:
+def measure(loss_fn: Any, *, trainable_head: bool, tokens: int = TOKENS) -> MemoryMeter:
+    """The meter around one forward+backward of ``loss_fn`` at 7B size, on fake tensors."""
     with FakeTensorMode():
-        hidden = torch.empty(TOKENS, HIDDEN, dtype=torch.bfloat16, requires_grad=True)
+        hidden = torch.empty(tokens, HIDDEN, dtype=torch.bfloat16, requires_grad=True)
         weight = torch.empty(VOCAB, HIDDEN, dtype=torch.bfloat16, requires_grad=trainable_head)
-        target = torch.empty(TOKENS, dtype=torch.long).random_(0, VOCAB)
+        target = torch.empty(tokens, dtype=torch.long).random_(0, VOCAB)
         with MemoryMeter() as meter:
             loss_fn(hidden, weight, target).backward()
     return meter
@@ -34,8 +35,8 @@ def _gradient_bytes(trainable_head: bool) -> int:
 
 @pytest.mark.parametrize("trainable_head", [False, True], ids=["frozen_head", "trainable_head"])
 def test_transient_peak_at_8k_tokens_and_152k_vocab(trainable_head: bool) -> None:
-    chunked = _measure(linear_cross_entropy, trainable_head=trainable_head)
-    standard = _measure(reference_linear_cross_entropy, trainable_head=trainable_head)
+    chunked = measure(linear_cross_entropy, trainable_head=trainable_head)
+    standard = measure(reference_linear_cross_entropy, trainable_head=trainable_head)
     gradients = _gradient_bytes(trainable_head)
     transient = chunked.peak_bytes - gradients
     # One chunk's fp32 logits and their bf16 copy (matmul output, later the logit gradient).
@@ -49,4 +50,4 @@ def test_transient_peak_at_8k_tokens_and_152k_vocab(trainable_head: bool) -> Non
 
 def test_frozen_head_total_peak() -> None:
     """Under LoRA the lm_head is frozen: the loss's whole footprint is one chunk plus dL/dh."""
-    assert _measure(linear_cross_entropy, trainable_head=False).peak_bytes <= 0.3 * GiB
+    assert measure(linear_cross_entropy, trainable_head=False).peak_bytes <= 0.3 * GiB
