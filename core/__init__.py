@@ -14,10 +14,11 @@ This package imports no training framework; the Lightning and Hugging Face adapt
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .api import CiuicHandle, apply_, build_optimizer, handle_of, remove_
+from .api import CiuicHandle, apply_, build_optimizer, handle_of, remove_, saved_config, step_scope
 from .config import CiuicConfig
 from .errors import ApplyError, CiuicError, ConfigError, TechniqueUnavailableError, UnknownTechniqueError
 from .memory import MemoryMeter, MemoryReading
+from .registry import discover as _discover
 
 try:
     __version__ = version("ciuic")
@@ -39,4 +40,8 @@ __all__ = [
     "build_optimizer",
     "handle_of",
     "remove_",
+    "saved_config",
+    "step_scope",
 ]
+
+_discover()  # each technique package registers its config fields and itself

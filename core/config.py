@@ -1,8 +1,11 @@
 """`CiuicConfig`: the one configuration object that ``apply_``, the Lightning strategy and the
 Hugging Face callback share.
 
-Every field is described once, in ``FIELDS`` below; the docstring table, the CLI help and the
-error messages all read it from there.
+The fields are not listed here: each technique package registers the fields it owns with
+:func:`register_field` (and the offload targets it serves with :func:`register_offload_target`)
+from its own ``__init__.py``, so adding a technique edits no central list. This module owns only
+the fields every technique shares: ``offload`` and ``budget``. Every field is described once,
+in its :class:`FieldSpec`; the CLI help and the error messages read it from there.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import FrozenInstanceError, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -20,31 +23,102 @@ from .units import parse_bytes
 CONFIG_VERSION = 1
 """Version written into every serialized config (key ``"version"``)."""
 
+PRESET_NAMES = ("off", "balanced", "max")
+"""The named presets; each field says its value in each (``FieldSpec.presets``)."""
+
+
+class Invalid(Exception):
+    """Raised by a normalizer; ``CiuicConfig`` turns it into a ConfigError naming the field."""
+
 
 @dataclass(frozen=True)
 class FieldSpec:
-    """How one config field is documented and validated."""
+    """How one config field is documented, validated, serialized and used by the presets.
+
+    Attributes:
+        name: The keyword, YAML/JSON key and attribute name.
+        doc: One-paragraph description (CLI help, docs).
+        allowed: What values are allowed, as the error message says it.
+        default: The default value (already normalized).
+        normalize: ``normalize(field, value) -> value``; raises :class:`Invalid` (or a
+            ``ConfigError`` that already names the field).
+        to_plain: The JSON/YAML form of a normalized value.
+        order: Position in ``to_dict``, the help and reports.
+        presets: The field's value in each named preset where it is not the default.
+        deferred: Why ``apply_`` leaves this field to another entry point (e.g. the optimizer's
+            fields to ``build_optimizer``); ``None`` when ``apply_`` serves it.
+    """
 
     name: str
     doc: str
     allowed: str
+    default: Any
     normalize: Callable[[str, object], object]
+    to_plain: Callable[[Any], Any] = lambda value: value
+    order: int = 100
+    presets: Mapping[str, Any] = field(default_factory=dict)
+    deferred: str | None = None
 
 
-class _Invalid(Exception):
-    """Raised by a normalizer; ``CiuicConfig`` turns it into a ConfigError naming the field."""
+@dataclass(frozen=True)
+class OffloadTarget:
+    """A member of ``offload`` and who serves it (``deferred`` as in :class:`FieldSpec`)."""
+
+    name: str
+    doc: str
+    deferred: str | None = None
 
 
-def _choice(*values: str) -> Callable[[str, object], object]:
+FIELDS: dict[str, FieldSpec] = {}
+"""Every registered field by name (filled by the technique packages when ``ciuic`` is imported)."""
+
+OFFLOAD_TARGETS: dict[str, OffloadTarget] = {}
+"""Every registered offload target by name."""
+
+
+def register_field(spec: FieldSpec) -> FieldSpec:
+    """Add a config field (called by the technique package that owns it)."""
+    FIELDS[spec.name] = spec
+    return spec
+
+
+def register_offload_target(target: OffloadTarget) -> OffloadTarget:
+    """Allow ``target.name`` in ``offload`` (called by the technique that serves it)."""
+    OFFLOAD_TARGETS[target.name] = target
+    allowed = "a set drawn from " + ", ".join(map(repr, sorted(OFFLOAD_TARGETS)))
+    FIELDS["offload"] = dataclasses.replace(FIELDS["offload"], allowed=allowed)
+    return target
+
+
+def fields() -> list[FieldSpec]:
+    """The registered fields in their documented order."""
+    _discover()
+    return sorted(FIELDS.values(), key=lambda spec: (spec.order, spec.name))
+
+
+def _discover() -> None:
+    from .registry import discover
+
+    discover()
+
+
+# -- normalizers shared by the techniques ----------------------------------------------------
+def choice(*values: str) -> Callable[[str, object], object]:
+    """A normalizer accepting exactly one of ``values``."""
+
     def normalize(field: str, value: object) -> object:
         if not isinstance(value, str) or value not in values:
-            raise _Invalid("")
+            raise Invalid("")
         return value
 
     return normalize
 
 
-OFFLOAD_TARGETS = ("activations", "optimizer")
+def flag(field: str, value: object) -> object:
+    """A normalizer accepting ``True`` or ``False``."""
+    if not isinstance(value, bool):
+        raise Invalid("")
+    return value
 
 
 def _offload(field: str, value: object) -> object:
@@ -52,25 +126,11 @@ def _offload(field: str, value: object) -> object:
         return frozenset()
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, Collection) or isinstance(items, Mapping):
-        raise _Invalid("give a set or list, e.g. offload={'activations'}")
+        raise Invalid("give a set or list, e.g. offload={'activations'}")
     bad = [item for item in items if not isinstance(item, str) or item not in OFFLOAD_TARGETS]
     if bad:
-        raise _Invalid(f"{bad[0]!r} cannot be offloaded")
+        raise Invalid(f"{bad[0]!r} cannot be offloaded")
     return frozenset(items)
-
-
-def _checkpointing(field: str, value: object) -> object:
-    if isinstance(value, str) and value in ("none", "auto", "full"):
-        return value
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-        return value
-    raise _Invalid("an int N checkpoints every N-th decoder block")
-
-
-def _flag(field: str, value: object) -> object:
-    if not isinstance(value, bool):
-        raise _Invalid("")
-    return value
 
 
 def _budget(field: str, value: object) -> object:
@@ -79,99 +139,46 @@ def _budget(field: str, value: object) -> object:
     try:
         return parse_bytes(value, field=field)
     except ConfigError as error:
-        raise _Invalid(str(error).split(": ", 1)[-1].rstrip(".")) from None
+        raise Invalid(str(error).split(": ", 1)[-1].rstrip(".")) from None
 
 
-FIELDS: dict[str, FieldSpec] = {
-    spec.name: spec
-    for spec in (
-        FieldSpec(
-            "weights",
-            "Storage of frozen base weights: 'none' keeps them as loaded; 'int8' (LLM.int8), "
-            "'nf4' or 'fp4' (4-bit, QLoRA) quantize them in place with bitsandbytes.",
-            "'none', 'int8', 'nf4', 'fp4'",
-            _choice("none", "int8", "nf4", "fp4"),
-        ),
-        FieldSpec(
-            "activations",
-            "Codec for tensors saved for backward: 'none' keeps them exact; 'fp8', 'int8', "
-            "'int4', 'int2' compress them (the forward pass stays exact).",
-            "'none', 'fp8', 'int8', 'int4', 'int2'",
-            _choice("none", "fp8", "int8", "int4", "int2"),
-        ),
-        FieldSpec(
-            "offload",
-            "What to keep in host memory instead of the accelerator: a set drawn from "
-            "'activations' and 'optimizer' (empty: nothing).",
-            "a set drawn from 'activations', 'optimizer'",
-            _offload,
-        ),
-        FieldSpec(
-            "checkpointing",
-            "Recompute decoder blocks in backward instead of saving their activations: 'none', "
-            "'full' (every block), an int N (every N-th block) or 'auto' (the fewest blocks that "
-            "fit `budget`).",
-            "'none', 'auto', 'full', or an int >= 1",
-            _checkpointing,
-        ),
-        FieldSpec(
-            "optimizer",
-            "Optimizer built by `ciuic.build_optimizer`: 'adamw' (fp32 states), 'adamw8bit' or "
-            "'adamw4bit' (block-wise quantized states).",
-            "'adamw', 'adamw8bit', 'adamw4bit'",
-            _choice("adamw", "adamw8bit", "adamw4bit"),
-        ),
-        FieldSpec(
-            "step_in_backward",
-            "Update each parameter as soon as its gradient is ready and free that gradient, so "
-            "the gradients of the whole model never coexist.",
-            "True or False",
-            _flag,
-        ),
-        FieldSpec(
-            "loss",
-            "Causal-LM loss: 'standard' (the model's own) or 'chunked' (linear + cross-entropy "
-            "in chunks, never holding the full logits).",
-            "'standard', 'chunked'",
-            _choice("standard", "chunked"),
-        ),
-        FieldSpec(
-            "budget",
-            "Accelerator memory the run may use, in bytes or as a string like '24GiB' "
-            "(None: the whole device). Stored as an int number of bytes.",
-            "None, an int >= 1, or a string like '24GiB'",
-            _budget,
-        ),
+register_field(
+    FieldSpec(
+        name="offload",
+        doc="What to keep in host memory instead of the accelerator: a set of the registered "
+        "targets (activations, optimizer states, ...); empty: nothing.",
+        allowed="a set drawn from the registered targets",
+        default=frozenset(),
+        normalize=_offload,
+        to_plain=sorted,
+        order=30,
+        presets={"max": frozenset({"activations", "optimizer"})},
     )
-}
-
-_PRESETS: dict[str, dict[str, Any]] = {
-    "off": {},
-    "balanced": {
-        "weights": "nf4",
-        "activations": "int8",
-        "optimizer": "adamw8bit",
-        "loss": "chunked",
-    },
-    "max": {
-        "weights": "nf4",
-        "activations": "int4",
-        "offload": frozenset(OFFLOAD_TARGETS),
-        "checkpointing": "full",
-        "optimizer": "adamw4bit",
-        "step_in_backward": True,
-        "loss": "chunked",
-    },
-}
+)
+register_field(
+    FieldSpec(
+        name="budget",
+        doc="Accelerator memory the run may use, in bytes or as a string like '24GiB' (None: the "
+        "whole device). Stored as an int number of bytes.",
+        allowed="None, an int >= 1, or a string like '24GiB'",
+        default=None,
+        normalize=_budget,
+        order=80,
+        deferred="read by the techniques that size themselves ('auto' modes)",
+    )
+)
 
 
-@dataclass(frozen=True, kw_only=True)
 class CiuicConfig:
-    """Which memory techniques to apply, validated at construction.
+    """Which memory techniques to apply, validated at construction; immutable.
 
     Construct it with keywords, from a preset, or from a dict/JSON/YAML file; an invalid value
     raises :class:`ciuic.ConfigError` (a ``ValueError``) naming the field, the value and what is
-    allowed. See ``ciuic.config.FIELDS`` (or ``ciuic --help``) for what each field does.
+    allowed. The fields are those the installed techniques register (``ciuic.config.fields()``,
+    ``ciuic --help``): ``weights``, ``activations``, ``offload``, ``checkpointing``,
+    ``optimizer``, ``step_in_backward``, ``loss``, ``budget``. A technique with several options
+    takes a string shorthand or a mapping: ``weights="nf4"`` or
+    ``weights={"format": "nf4", "prune": "2:4"}``.
 
     Example:
         >>> from ciuic import CiuicConfig
@@ -182,27 +189,42 @@ class CiuicConfig:
         True
     """
 
-    weights: str = "none"
-    activations: str = "none"
-    offload: Collection[str] | str = frozenset()
-    checkpointing: str | int = "none"
-    optimizer: str = "adamw"
-    step_in_backward: bool = False
-    loss: str = "standard"
-    budget: int | str | None = None
+    __slots__ = ("_values",)
+    _values: dict[str, Any]
 
-    PRESETS: ClassVar[tuple[str, ...]] = tuple(_PRESETS)
+    PRESETS: ClassVar[tuple[str, ...]] = PRESET_NAMES
 
-    def __post_init__(self) -> None:
-        for name, spec in FIELDS.items():
-            value = getattr(self, name)
-            try:
-                object.__setattr__(self, name, spec.normalize(name, value))
-            except _Invalid as invalid:
-                reason = f": {invalid}" if str(invalid) else ""
-                raise ConfigError(
-                    f"{name}={value!r} is not allowed{reason}. Allowed: {spec.allowed}."
-                ) from None
+    def __init__(self, **values: Any) -> None:
+        specs = {spec.name: spec for spec in fields()}
+        unknown = [key for key in values if key not in specs]
+        if unknown:
+            raise ConfigError(f"config field {unknown[0]!r} is unknown: known fields are {', '.join(specs)}.")
+        normalized = {name: _normalize(spec, values.get(name, spec.default)) for name, spec in specs.items()}
+        object.__setattr__(self, "_values", normalized)
+
+    def __getattr__(self, name: str) -> Any:
+        values = object.__getattribute__(self, "_values") if name != "_values" else None
+        if values is not None and name in values:
+            return values[name]
+        raise AttributeError(f"CiuicConfig has no field {name!r}: fields are {', '.join(values or ())}.")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise FrozenInstanceError(f"cannot assign to field {name!r}: use config.replace({name}=...)")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, CiuicConfig):
+            return NotImplemented
+        return self._values == other._values
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted((k, _hashable(v)) for k, v in self._values.items())))
+
+    def __repr__(self) -> str:
+        plain = self.to_dict()
+        return f"CiuicConfig({', '.join(f'{k}={plain[k]!r}' for k in self._values)})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_from_plain, (self.to_dict(),))
 
     # -- constructors ---------------------------------------------------------------------
     @classmethod
@@ -212,48 +234,76 @@ class CiuicConfig:
         Keyword overrides replace preset fields:
         ``CiuicConfig.preset("balanced", budget="24GiB")``.
         """
-        if name not in _PRESETS:
-            raise ConfigError(f"preset={name!r} is unknown: choose one of {', '.join(map(repr, _PRESETS))}.")
-        return cls(**{**_PRESETS[name], **overrides})
+        if name not in PRESET_NAMES:
+            raise ConfigError(
+                f"preset={name!r} is unknown: choose one of {', '.join(map(repr, PRESET_NAMES))}."
+            )
+        values = {spec.name: spec.presets[name] for spec in fields() if name in spec.presets}
+        return cls(**{**values, **overrides})
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CiuicConfig:
-        """Build from a mapping as written by :meth:`to_dict` (``version`` may be omitted)."""
+        """Build from a mapping as written by :meth:`to_dict` (``version`` may be omitted).
+
+        A ``preset`` key starts from that preset and the other keys override it.
+        """
         if not isinstance(data, Mapping):
             raise ConfigError(f"config={data!r} is not a mapping of field names to values.")
         data = dict(data)
+        bad = [key for key in data if not isinstance(key, str)]
+        if bad:
+            raise ConfigError(
+                f"config field {bad[0]!r} is unknown: field names are strings ({', '.join(FIELDS)})."
+            )
         version = data.pop("version", CONFIG_VERSION)
         if version != CONFIG_VERSION or isinstance(version, bool):
             raise ConfigError(
                 f"version={version!r} is not supported: this Ciuic reads config version {CONFIG_VERSION}."
             )
-        unknown = [key for key in data if key not in FIELDS]
-        if unknown:
-            raise ConfigError(
-                f"config field {unknown[0]!r} is unknown: known fields are {', '.join(FIELDS)}."
-            )
+        preset = data.pop("preset", None)
+        if preset is not None:
+            return cls.preset(preset, **data)
         return cls(**data)
 
     @classmethod
     def from_file(cls, path: str | Path) -> CiuicConfig:
-        """Read a ``.json``, ``.yaml`` or ``.yml`` file written by :meth:`to_file` (or by hand)."""
-        path = Path(path)
-        text = path.read_text()
-        if path.suffix == ".json":
-            return cls.from_dict(json.loads(text))
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
+        """Read a ``.json``, ``.yaml`` or ``.yml`` file written by :meth:`to_file` (or by hand).
 
-            return cls.from_dict(yaml.safe_load(text) or {})
-        raise ConfigError(f"config file {str(path)!r} has suffix {path.suffix!r}: use .json, .yaml or .yml.")
+        Raises:
+            ConfigError: the file is missing, empty, malformed (naming the line and column) or
+                holds something other than a mapping of fields.
+        """
+        path = Path(path)
+        if path.suffix not in (".json", ".yaml", ".yml"):
+            raise ConfigError(
+                f"config file {str(path)!r} has suffix {path.suffix!r}: use .json, .yaml or .yml."
+            )
+        try:
+            text = path.read_text()
+        except OSError as error:
+            raise ConfigError(f"config file {str(path)!r} cannot be read: {error.strerror}.") from None
+        data = _parse(path, text)
+        if data is None:
+            raise ConfigError(
+                f"config file {str(path)!r} is empty: write at least one field (e.g. 'preset: balanced' or "
+                f"'weights: nf4'); `ciuic config --preset balanced` prints a complete file."
+            )
+        if not isinstance(data, Mapping):
+            raise ConfigError(
+                f"config file {str(path)!r} holds a {type(data).__name__}, not a mapping of field names to "
+                f"values (e.g. 'weights: nf4')."
+            )
+        try:
+            return cls.from_dict(data)
+        except ConfigError as error:
+            raise ConfigError(f"config file {str(path)!r}: {error}") from None
 
     # -- serialization --------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-ready dict with a ``version`` key; ``from_dict`` inverts it."""
         data: dict[str, Any] = {"version": CONFIG_VERSION}
-        for name in FIELDS:
-            value = getattr(self, name)
-            data[name] = sorted(value) if name == "offload" else value
+        for spec in fields():
+            data[spec.name] = spec.to_plain(self._values[spec.name])
         return data
 
     def to_file(self, path: str | Path) -> None:
@@ -272,9 +322,53 @@ class CiuicConfig:
 
     def replace(self, **changes: Any) -> CiuicConfig:
         """A validated copy with some fields changed (the config itself is immutable)."""
-        return dataclasses.replace(self, **changes)
+        return CiuicConfig(**{**self._values, **changes})
 
     def requested(self) -> dict[str, object]:
         """The fields whose value differs from the default, i.e. what this config asks for."""
-        default = CiuicConfig()
-        return {name: getattr(self, name) for name in FIELDS if getattr(self, name) != getattr(default, name)}
+        return {
+            spec.name: self._values[spec.name] for spec in fields() if self._values[spec.name] != spec.default
+        }
+
+    def differs(self, other: CiuicConfig) -> list[str]:
+        """Names of the fields whose values differ between ``self`` and ``other``."""
+        return [spec.name for spec in fields() if self._values[spec.name] != other._values[spec.name]]
+
+
+def _normalize(spec: FieldSpec, value: object) -> object:
+    try:
+        return spec.normalize(spec.name, value)
+    except Invalid as invalid:
+        reason = f": {invalid}" if str(invalid) else ""
+        raise ConfigError(f"{spec.name}={value!r} is not allowed{reason}. Allowed: {spec.allowed}.") from None
+
+
+def _hashable(value: object) -> object:
+    return tuple(sorted(value)) if isinstance(value, frozenset) else value
+
+
+def _from_plain(data: dict[str, Any]) -> CiuicConfig:
+    return CiuicConfig.from_dict(data)
+
+
+def _parse(path: Path, text: str) -> Any:
+    """The file's data; a syntax error becomes one ConfigError naming the file, line and column."""
+    if path.suffix == ".json":
+        if not text.strip():
+            return None
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError(
+                f"config file {str(path)!r} is not valid JSON: {error.msg} at line {error.lineno}, "
+                f"column {error.colno}."
+            ) from None
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {problem}{where}.") from None

@@ -5,17 +5,28 @@ in place and returns an :class:`Applied` record whose ``undo`` reverses exactly 
 ``ciuic.apply_`` imports every subpackage of ``ciuic`` once (so registering needs no edit to a
 central list) and runs the registered techniques whose fields the config sets, by ``order``.
 
+A technique also registers the config fields it owns (``ciuic.config.register_field``), so
+adding one edits no central list: not here, not in ``config.py``, not in ``api.py``.
+
+Whatever a technique installs into a model, and the ``Applied.undo``/``Applied.scope`` it
+returns, must survive ``copy.deepcopy``, ``pickle`` and ``torch.save`` of the model (the handle
+is stored on the model): bound methods of picklable objects, never closures.
+
 Example (what a technique package's ``__init__.py`` does)::
 
+    from ciuic.config import FieldSpec, choice, register_field
     from ciuic.registry import Applied, Technique, register_technique
 
+    register_field(FieldSpec("my_field", "What it does.", "'none', 'on'", "none", choice("none", "on")))
+
     def _apply(model, config):
-        handles = [...]                     # install hooks/patches
-        return Applied("my_technique", changed=["model.layers.0"], undo=lambda: ...)
+        hooks = MyHooks(model).install()            # a picklable object
+        return Applied("my_technique", changed=["model.layers.0"], undo=hooks.remove)
 
     register_technique(Technique(
-        name="my_technique", fields=("activations",), order=30,
-        is_requested=lambda cfg: cfg.activations != "none", apply=_apply,
+        name="my_technique", fields=("my_field",), order=30,
+        is_requested=lambda cfg: cfg.my_field != "none", apply=_apply,
+        examples=({"my_field": "on"},),
     ))
 """
 
@@ -23,7 +34,8 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +46,13 @@ if TYPE_CHECKING:
     from torch.optim import Optimizer
 
     from .config import CiuicConfig
+
+BUILD_OPTIMIZER = "served by ciuic.build_optimizer(model.parameters(), config)"
+"""``FieldSpec.deferred`` of the fields the optimizer factory serves rather than ``apply_``."""
+
+
+def nothing() -> None:
+    """The undo of a record that changed nothing (a module-level function: picklable)."""
 
 
 @dataclass
@@ -46,13 +65,19 @@ class Applied:
         skipped: ``(what, reason)`` pairs for things deliberately left alone.
         undo: Callable that reverses the change; called once by ``remove_``.
         details: Technique-specific facts for the report (counts, bytes, options).
+        scope: ``scope() -> context manager`` wrapped around a training step by
+            ``handle.step_scope()`` (``None``: the technique needs none).
+        stateful: An object with ``state_dict()``/``load_state_dict(state)`` whose state is
+            saved with the model's ``state_dict`` (e.g. the rounding generators), or ``None``.
     """
 
     technique: str
     changed: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
-    undo: Callable[[], None] = lambda: None
+    undo: Callable[[], None] = nothing
     details: dict[str, Any] = field(default_factory=dict)
+    scope: Callable[[], AbstractContextManager[Any]] | None = None
+    stateful: Any = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +91,8 @@ class Technique:
         order: Application order, lowest first (weights before activation hooks, say).
         is_requested: Whether a config asks for this technique.
         apply: ``apply(model, config) -> Applied``, changing ``model`` in place.
+        examples: Config dicts that request the technique, one per mode worth checking; the
+            conformance test runs each on a real model.
     """
 
     name: str
@@ -73,6 +100,7 @@ class Technique:
     order: int
     is_requested: Callable[[CiuicConfig], bool]
     apply: Callable[[nn.Module, CiuicConfig], Applied]
+    examples: tuple[Mapping[str, Any], ...] = ()
 
 
 OptimizerFactory = Callable[..., "Optimizer"]
@@ -144,11 +172,19 @@ def request_keys(config: CiuicConfig) -> list[str]:
     keys: list[str] = []
     for name, value in config.requested().items():
         if name == "offload":
-            assert isinstance(value, frozenset)  # normalized by CiuicConfig
-            keys.extend(f"offload.{member}" for member in sorted(value))
+            keys.extend(f"offload.{member}" for member in sorted(value))  # type: ignore[call-overload]
         else:
             keys.append(name)
     return keys
+
+
+def deferred_reason(key: str) -> str | None:
+    """Why ``apply_`` leaves request ``key`` to another entry point, or ``None``."""
+    from .config import FIELDS, OFFLOAD_TARGETS
+
+    if key.startswith("offload."):
+        return OFFLOAD_TARGETS[key.partition(".")[2]].deferred
+    return FIELDS[key].deferred
 
 
 def unserved_requests(config: CiuicConfig, served: Iterable[str]) -> list[str]:

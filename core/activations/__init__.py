@@ -23,12 +23,22 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from ciuic.config import CiuicConfig
+from ciuic.api import apply_technique_
+from ciuic.config import (
+    CiuicConfig,
+    FieldSpec,
+    Invalid,
+    OffloadTarget,
+    register_field,
+    register_offload_target,
+)
 from ciuic.errors import ApplyError, TechniqueUnavailableError
 from ciuic.registry import Applied, Technique, register_technique
 
@@ -51,6 +61,7 @@ __all__ = [
     "decode",
     "encode",
     "find_blocks",
+    "install_activations",
 ]
 
 
@@ -61,10 +72,26 @@ def _requested(config: CiuicConfig) -> bool:
 def apply_activations(
     model: nn.Module, config: CiuicConfig, options: ActivationOptions | None = None
 ) -> Applied:
+    """Shim kept for existing code: ``ciuic.apply_`` with ``config``'s activation fields.
+
+    ``options`` (if given) replaces ``config.activations`` except for its codec. Returns the
+    activations record of the handle stored on the model; its ``undo()`` is ``ciuic.remove_``.
+    """
+    if options is not None:
+        options = dataclasses.replace(options, codec=config.activations.codec)
+    own = CiuicConfig(
+        activations=options or config.activations,
+        offload=config.offload & {"activations"},
+        checkpointing=config.checkpointing,
+        budget=config.budget,
+    )
+    return apply_technique_(model, own, "activations")
+
+
+def install_activations(model: nn.Module, config: CiuicConfig) -> Applied:
     """Install compression, offload and checkpointing as ``config`` asks; what ``apply_`` runs.
 
-    Call it directly to pass :class:`ActivationOptions` other than the defaults (the returned
-    record's ``undo`` removes everything); ``ciuic.apply_`` uses the defaults.
+    ``config.activations`` (an :class:`ActivationOptions`) gives the codec and its options.
 
     Raises:
         TechniqueUnavailableError: ``model`` is a ``torch.compile`` module, or fp8 is asked
@@ -75,26 +102,26 @@ def apply_activations(
         >>> import torch
         >>> from ciuic import CiuicConfig
         >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 1))
-        >>> record = apply_activations(model, CiuicConfig(activations="int4"),
-        ...                            ActivationOptions(group_size=32))
-        >>> record.details["codec"]
-        'int4'
+        >>> record = install_activations(model, CiuicConfig(activations={"codec": "int4", "group_size": 32}))
+        >>> record.details["codec"], record.details["group_size"]
+        ('int4', 32)
         >>> record.undo()
     """
     _refuse_compiled(model)
-    if config.activations == "fp8" and not fp8_available():
+    options = config.activations
+    codec = options.codec
+    if codec == "fp8" and not fp8_available():
         raise TechniqueUnavailableError(
             f"activations='fp8' needs torch.float8_e4m3fn, which torch {torch.__version__} lacks: "
             f"use activations='int8' (the same bytes), or torch >= 2.1."
         )
-    options = options or ActivationOptions()
     blocks = find_blocks(model)
-    record = Applied("activations", details={"codec": config.activations, "blocks": len(blocks)})
+    record = Applied("activations", details={"codec": codec, "blocks": len(blocks)})
     undos: list[Callable[[], None]] = []
     hooks: SavedTensorHooks | None = None
     offload = "activations" in config.offload
-    if config.activations != "none" or offload:
-        hooks = SavedTensorHooks(model, codec=config.activations, offload=offload, options=options)
+    if codec != "none" or offload:
+        hooks = SavedTensorHooks(model, codec=codec, offload=offload, options=options)
         hooks.install(blocks)
         undos.append(hooks.remove)
         record.changed.extend(name or "<root>" for name in hooks.scoped_modules)
@@ -159,13 +186,60 @@ def _refuse_compiled(model: nn.Module) -> None:
         )
 
 
+def _checkpointing(field: str, value: object) -> object:
+    if isinstance(value, str) and value in ("none", "auto", "full"):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise Invalid("an int N checkpoints every N-th decoder block")
+
+
+def _activations_value(value: Any) -> Any:
+    return value.to_value()
+
+
+FIELDS = (
+    register_field(
+        FieldSpec(
+            name="activations",
+            doc="Codec for tensors saved for backward: 'none' keeps them exact; 'fp8', 'int8', 'int4', "
+            "'int2' compress them (the forward pass stays exact). A mapping sets more options: {codec, "
+            "rules, group_size, min_numel, weight_copies, seed, check_finite} (see "
+            "ciuic.activations.ActivationOptions).",
+            allowed="'none', 'fp8', 'int8', 'int4', 'int2', or a mapping of ActivationOptions fields",
+            default=ActivationOptions(),
+            normalize=ActivationOptions.from_value,
+            to_plain=_activations_value,
+            order=20,
+            presets={"balanced": ActivationOptions(codec="int8"), "max": ActivationOptions(codec="int4")},
+        )
+    ),
+    register_field(
+        FieldSpec(
+            name="checkpointing",
+            doc="Recompute decoder blocks in backward instead of saving their activations: 'none', "
+            "'full' (every block), an int N (every N-th block) or 'auto' (the fewest blocks that fit "
+            "`budget`).",
+            allowed="'none', 'auto', 'full', or an int >= 1",
+            default="none",
+            normalize=_checkpointing,
+            order=40,
+            presets={"max": "full"},
+        )
+    ),
+)
+OFFLOAD = register_offload_target(
+    OffloadTarget("activations", "tensors saved for backward, fetched back one block ahead")
+)
+
 TECHNIQUE = register_technique(
     Technique(
         name="activations",
         fields=("activations", "offload.activations", "checkpointing"),
         order=30,
         is_requested=_requested,
-        apply=lambda model, config: apply_activations(model, config),
+        apply=install_activations,
+        examples=({"activations": "int4"}, {"offload": ["activations"]}, {"checkpointing": "full"}),
     )
 )
 """The registered technique: serves ``activations``, ``offload={'activations'}``, ``checkpointing``."""

@@ -1,7 +1,9 @@
-"""Options of the activation technique: per-module codec rules, group size, size threshold.
+"""Options of the activation technique: codec, per-module codec rules, group size, threshold.
 
-``ciuic.apply_`` uses :class:`ActivationOptions` as constructed with no arguments;
-:func:`ciuic.activations.apply_activations` takes another one.
+The config field ``activations`` takes a codec string (``activations="int4"`` is
+``ActivationOptions(codec="int4")``), a mapping of these fields (``activations={"codec":
+"int4", "group_size": 32, "rules": [{"codec": "int8", "types": ["*Attention"]}]}``) or an
+``ActivationOptions``.
 
 A :class:`CodecRule` is an opt-out: where it matches, a saved tensor gets *at least* the
 precision of the rule's codec (``'none'``: never compressed). The defaults spend more bits where
@@ -34,10 +36,14 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 from ciuic.errors import ConfigError
+from ciuic.options import TechniqueOptions
 
 from .codecs import CODECS, check_group_size, more_precise
 
@@ -95,11 +101,12 @@ DEFAULT_RULES = (
 """The rules of :class:`ActivationOptions` by default (see the module docstring)."""
 
 
-@dataclass(frozen=True, kw_only=True)
-class ActivationOptions:
-    """How saved tensors are compressed, beyond the codec the config names.
+@dataclass(frozen=True, kw_only=True, eq=False)
+class ActivationOptions(TechniqueOptions):
+    """How saved tensors are compressed.
 
     Attributes:
+        codec: ``'none'`` (exact; the default), ``'fp8'``, ``'int8'``, ``'int4'`` or ``'int2'``.
         rules: Opt-outs, first match wins, checked from the innermost module outwards.
         group_size: Elements sharing one scale (a power of two, 8 to 65536).
         min_numel: Floating-point tensors with fewer elements are kept as they are.
@@ -115,6 +122,9 @@ class ActivationOptions:
             overflow).
     """
 
+    SHORTHAND: ClassVar[str] = "codec"
+
+    codec: str = "none"
     rules: tuple[CodecRule, ...] = field(default=DEFAULT_RULES)
     group_size: int = 64
     min_numel: int = 1024
@@ -123,6 +133,10 @@ class ActivationOptions:
     check_finite: bool = True
 
     def __post_init__(self) -> None:
+        if self.codec not in CODECS:
+            raise ConfigError(
+                f"codec={self.codec!r} is not allowed. Allowed: {', '.join(map(repr, CODECS))}."
+            )
         if not isinstance(self.rules, tuple) or not all(isinstance(r, CodecRule) for r in self.rules):
             raise ConfigError(
                 f"ActivationOptions.rules={self.rules!r} is not allowed: give a tuple of CodecRule."
@@ -137,6 +151,20 @@ class ActivationOptions:
                 f"ActivationOptions.weight_copies={self.weight_copies!r} is not allowed. "
                 f"Allowed: {', '.join(map(repr, CODECS))}."
             )
+
+    @classmethod
+    def _field_from_plain(cls, name: str, value: Any) -> Any:
+        if name == "rules" and isinstance(value, (list, tuple)):
+            return tuple(CodecRule(**r) if isinstance(r, Mapping) else r for r in value)
+        return super()._field_from_plain(name, value)
+
+    def _field_to_plain(self, name: str, value: Any) -> Any:
+        if name == "rules":
+            return [
+                {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(rule).items()}
+                for rule in value
+            ]
+        return super()._field_to_plain(name, value)
 
     def rule_for(self, name: str, module_type: type) -> CodecRule | None:
         """The first rule matching module ``name`` of type ``module_type``, or ``None``."""

@@ -20,7 +20,16 @@ Example:
     >>> _ = ciuic.remove_(lm)
 """
 
-from ciuic.registry import Technique, register_technique
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import nn
+
+from ciuic.api import apply_technique_
+from ciuic.config import CiuicConfig, FieldSpec, register_field
+from ciuic.errors import ConfigError
+from ciuic.options import TechniqueOptions
+from ciuic.registry import Applied, Technique, register_technique
 
 from .functional import (
     DEFAULT_CHUNK_BYTES,
@@ -29,24 +38,91 @@ from .functional import (
     linear_cross_entropy,
     reference_linear_cross_entropy,
 )
-from .hf import apply_chunked_loss
+from .hf import apply_chunked_loss as install_chunked_loss
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "REDUCTIONS",
+    "LossOptions",
     "apply_chunked_loss",
     "chunk_rows",
+    "install_chunked_loss",
     "linear_cross_entropy",
     "reference_linear_cross_entropy",
 ]
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class LossOptions(TechniqueOptions):
+    """How the causal-LM loss is computed (the config field ``loss``).
+
+    Attributes:
+        kind: ``'standard'`` (the model's own loss) or ``'chunked'``
+            (:func:`linear_cross_entropy`, never holding the full logits).
+        chunk_bytes: Byte target of one chunk's logits.
+
+    Example:
+        >>> LossOptions.from_value("loss", {"kind": "chunked", "chunk_bytes": 2**26}).chunk_bytes
+        67108864
+    """
+
+    SHORTHAND: ClassVar[str] = "kind"
+    OFF: ClassVar[str] = "standard"
+
+    kind: str = "standard"
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("standard", "chunked"):
+            raise ConfigError(f"kind={self.kind!r} is not allowed. Allowed: 'standard', 'chunked'.")
+        if (
+            isinstance(self.chunk_bytes, bool)
+            or not isinstance(self.chunk_bytes, int)
+            or self.chunk_bytes < 1
+        ):
+            raise ConfigError(
+                f"chunk_bytes={self.chunk_bytes!r} is not allowed. Allowed: an int number of bytes >= 1."
+            )
+
+
+def apply_chunked_loss(model: nn.Module, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Applied:
+    """Shim kept for existing code: ``ciuic.apply_(model, CiuicConfig(loss={"kind": "chunked",
+    "chunk_bytes": chunk_bytes}))``, returning the loss record (its ``undo()`` is ``remove_``)."""
+    options = LossOptions(kind="chunked", chunk_bytes=chunk_bytes)
+    return apply_technique_(model, CiuicConfig(loss=options), "loss")
+
+
+def _install(model: nn.Module, config: CiuicConfig) -> Applied:
+    return install_chunked_loss(model, chunk_bytes=config.loss.chunk_bytes)
+
+
+def _loss_value(value: Any) -> Any:
+    return value.to_value()
+
+
+FIELD = register_field(
+    FieldSpec(
+        name="loss",
+        doc="Causal-LM loss: 'standard' (the model's own) or 'chunked' (linear + cross-entropy in "
+        "chunks, never holding the full logits). A mapping sets more options: {kind, chunk_bytes} "
+        "(see ciuic.loss.LossOptions).",
+        allowed="'standard', 'chunked', or a mapping of LossOptions fields",
+        default=LossOptions(),
+        normalize=LossOptions.from_value,
+        to_plain=_loss_value,
+        order=70,
+        presets={"balanced": LossOptions(kind="chunked"), "max": LossOptions(kind="chunked")},
+    )
+)
 
 TECHNIQUE = register_technique(
     Technique(
         name="loss",
         fields=("loss",),
         order=20,
-        is_requested=lambda config: config.loss == "chunked",
-        apply=lambda model, config: apply_chunked_loss(model),
+        is_requested=lambda config: config.loss.kind == "chunked",
+        apply=_install,
+        examples=({"loss": "chunked"},),
     )
 )
 """The registered technique: ``loss='chunked'`` patches the model's causal-LM loss."""

@@ -18,9 +18,17 @@ from typing import Any
 
 import torch
 
-from ciuic.config import CiuicConfig
+from ciuic.config import (
+    CiuicConfig,
+    FieldSpec,
+    OffloadTarget,
+    choice,
+    flag,
+    register_field,
+    register_offload_target,
+)
 from ciuic.errors import ConfigError
-from ciuic.registry import register_optimizer_factory
+from ciuic.registry import BUILD_OPTIMIZER, register_optimizer_factory
 
 from .functional import adamw_math, adamw_quantized
 from .optimizer import STATE_BITS, CiuicAdamW
@@ -84,3 +92,35 @@ def build_ciuic_adamw(
 
 
 register_optimizer_factory(build_ciuic_adamw)
+
+FIELDS = (
+    register_field(
+        FieldSpec(
+            name="optimizer",
+            doc="Optimizer built by `ciuic.build_optimizer`: 'adamw' (full-precision states), "
+            "'adamw8bit' or 'adamw4bit' (block-wise quantized states).",
+            allowed="'adamw', 'adamw8bit', 'adamw4bit'",
+            default="adamw",
+            normalize=choice(*BITS_OF),
+            order=50,
+            presets={"balanced": "adamw8bit", "max": "adamw4bit"},
+            deferred=BUILD_OPTIMIZER,
+        )
+    ),
+    register_field(
+        FieldSpec(
+            name="step_in_backward",
+            doc="Update each parameter as soon as its gradient is ready and free that gradient, so the "
+            "gradients of the whole model never coexist.",
+            allowed="True or False",
+            default=False,
+            normalize=flag,
+            order=60,
+            presets={"max": True},
+            deferred=BUILD_OPTIMIZER,
+        )
+    ),
+)
+OFFLOAD = register_offload_target(
+    OffloadTarget("optimizer", "optimizer states and the update, in (pinned) host memory", BUILD_OPTIMIZER)
+)

@@ -5,9 +5,9 @@ PEFT) in place, so a LoRA job becomes a QLoRA job without changing how the model
 ``nn.Linear`` layers become bitsandbytes ``Linear4bit``/``Linear8bitLt`` (PEFT then uses its
 bitsandbytes LoRA layers), DeepSeek's fused routed experts become
 :class:`QuantizedExperts` (block-wise storage, dequantized one expert at a time), and
-``remove_`` dequantizes everything back to dense layers. :func:`quantize_` with
-:class:`WeightOptions` adds double quantization, an int8 ``lm_head``, modules to freeze and
-magnitude pruning.
+``remove_`` dequantizes everything back to dense layers. ``weights=`` also takes a mapping of
+:class:`WeightOptions` fields: double quantization, an int8 ``lm_head``, modules to freeze and
+magnitude pruning (``weights={"format": "nf4", "prune": "2:4"}``).
 
 Example:
     >>> import torch, ciuic
@@ -20,21 +20,30 @@ Example:
     'Linear'
 """
 
-from ciuic.registry import Technique, register_technique
+from typing import Any
+
+from torch import nn
+
+from ciuic.api import apply_technique_
+from ciuic.config import CiuicConfig, FieldSpec, register_field
+from ciuic.registry import Applied, Technique, register_technique
 
 from .experts import QuantizedExperts, fused_experts_layout_problem
 from .functional import Codec, frozen_linear, snr_db, storage_bytes
 from .linear import dequantize_linear, quantize_linear
-from .model import dense_weights, quantize_
+from .model import dense_weights
+from .model import quantize_ as convert_weights
 from .options import FORMATS, WeightOptions
 from .prune import PrunedLinear, magnitude_mask
 
 __all__ = [
+    "FIELD",
     "FORMATS",
     "Codec",
     "PrunedLinear",
     "QuantizedExperts",
     "WeightOptions",
+    "convert_weights",
     "dense_weights",
     "dequantize_linear",
     "frozen_linear",
@@ -46,13 +55,43 @@ __all__ = [
     "storage_bytes",
 ]
 
+
+def quantize_(model: nn.Module, options: WeightOptions) -> Applied:
+    """Shim kept for existing code: ``ciuic.apply_(model, CiuicConfig(weights=options))``.
+
+    Returns the weights record of the handle ``apply_`` stored on the model; its ``undo()`` is
+    ``ciuic.remove_(model)``. Applying again, through this or ``apply_``, is refused.
+    """
+    return apply_technique_(model, CiuicConfig(weights=options), "weights")
+
+
+def _weights_value(value: Any) -> Any:
+    return value.to_value()
+
+
+FIELD = register_field(
+    FieldSpec(
+        name="weights",
+        doc="Storage of frozen base weights: 'none' keeps them as loaded; 'int8' (LLM.int8), 'nf4' or "
+        "'fp4' (4-bit, QLoRA) quantize them in place with bitsandbytes. A mapping sets more options: "
+        "{format, double_quant, quantize_head, freeze, skip, prune} (see ciuic.weights.WeightOptions).",
+        allowed="'none', 'int8', 'nf4', 'fp4', or a mapping of WeightOptions fields",
+        default=WeightOptions(format="none"),
+        normalize=WeightOptions.from_value,
+        to_plain=_weights_value,
+        order=10,
+        presets={"balanced": WeightOptions(format="nf4"), "max": WeightOptions(format="nf4")},
+    )
+)
+
 TECHNIQUE = register_technique(
     Technique(
         name="weights",
         fields=("weights",),
         order=10,
-        is_requested=lambda config: config.weights != "none",
-        apply=lambda model, config: quantize_(model, WeightOptions(format=config.weights)),
+        is_requested=lambda config: bool(config.weights.enabled),
+        apply=lambda model, config: convert_weights(model, config.weights),
+        examples=({"weights": "nf4"}, {"weights": "int8"}),
     )
 )
 """The registered technique: ``weights=...`` converts the model's frozen weights in place."""

@@ -1,16 +1,18 @@
-"""`WeightOptions`: what :func:`ciuic.weights.quantize_` does to the frozen weights of a model.
+"""`WeightOptions`: what ``weights=`` does to the frozen weights of a model.
 
-``ciuic.apply_(model, CiuicConfig(weights="nf4"))`` uses ``WeightOptions(format="nf4")``; call
-:func:`ciuic.weights.quantize_` with a ``WeightOptions`` for the options that ``CiuicConfig``
-does not carry (double quantization, the head in int8, modules to freeze, pruning).
+The config field ``weights`` takes a format string (``weights="nf4"`` is
+``WeightOptions(format="nf4")``), a mapping of these fields (``weights={"format": "nf4",
+"prune": "2:4"}``, as YAML writes it) or a ``WeightOptions``.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ciuic.errors import ConfigError
+from ciuic.options import TechniqueOptions
 
 FORMATS = ("none", "int8", "nf4", "fp4")
 """Storage formats: ``'none'`` (dense, e.g. for pruning alone), LLM.int8, and the two 4-bit ones."""
@@ -18,8 +20,8 @@ FORMATS = ("none", "int8", "nf4", "fp4")
 PRUNE_PATTERN = re.compile(r"^(\d+):(\d+)$")
 
 
-@dataclass(frozen=True, kw_only=True)
-class WeightOptions:
+@dataclass(frozen=True, kw_only=True, eq=False)
+class WeightOptions(TechniqueOptions):
     """Options of the frozen-weight conversion, validated at construction.
 
     Args:
@@ -38,11 +40,17 @@ class WeightOptions:
             weight to zero by magnitude. Pruned weights are stored as packed kept values plus a
             bit mask (the values quantized too when ``format`` is 4-bit or int8).
 
+    ``format='none'`` with ``prune=None`` is the technique switched off (the config's default).
+
     Example:
         >>> from ciuic.weights import WeightOptions
         >>> WeightOptions(format="nf4", prune="2:4").prune
         '2:4'
+        >>> WeightOptions(format="nf4", prune="2:4").to_value()
+        {'format': 'nf4', 'prune': '2:4'}
     """
+
+    SHORTHAND: ClassVar[str] = "format"
 
     format: str = "nf4"
     double_quant: bool = False
@@ -67,11 +75,6 @@ class WeightOptions:
                 )
             object.__setattr__(self, name, tuple(value))
         self._check_prune()
-        if self.format == "none" and self.prune is None:
-            raise ConfigError(
-                "format='none' with prune=None converts nothing. Allowed: a format in 'int8', 'nf4', "
-                "'fp4', or a prune pattern such as '2:4'."
-            )
 
     def _check_prune(self) -> None:
         prune = self.prune
@@ -87,6 +90,11 @@ class WeightOptions:
             f"prune={prune!r} is not allowed. Allowed: None, an 'N:M' pattern with 0 < N < M <= 32 "
             f"(e.g. '2:4'), or a float sparsity in (0, 1) (e.g. 0.5)."
         )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether anything is converted (a format, or pruning alone)."""
+        return self.format != "none" or self.prune is not None
 
     @property
     def quantized(self) -> bool:

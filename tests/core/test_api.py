@@ -1,3 +1,4 @@
+import contextlib
 import copy
 
 import pytest
@@ -40,7 +41,7 @@ def _scaling_technique(name, factor, order, log, field="activations"):
         name=name,
         fields=(field,),
         order=order,
-        is_requested=lambda c: getattr(c, field) != "none",
+        is_requested=lambda c: getattr(c, field) != getattr(ciuic.CiuicConfig(), field),
         apply=apply,
     )
 
@@ -168,17 +169,158 @@ def test_build_optimizer_uses_registered_factory(techniques):
     assert calls == [("adamw4bit", {"lr": 0.1})]
 
 
-def test_discover_imports_every_subpackage(monkeypatch):
-    monkeypatch.setattr(registry, "_DISCOVERED", False)
-    registry.discover()
+def test_discover_imports_every_technique_package_and_each_registers_itself():
+    import pkgutil
+
+    packages = sorted(m.name for m in pkgutil.iter_modules(ciuic.__path__) if m.ispkg)
+    loaded = _modules_after("import ciuic")
+    assert {f"ciuic.{name}" for name in packages} <= loaded
+    modules = {t.apply.__module__.split(".")[1] for t in registry.registered_techniques().values()}
+    assert modules <= set(packages)
+    assert {"weights", "activations", "loss"} <= set(registry.registered_techniques())
+
+
+def _modules_after(statement):
+    import subprocess
     import sys
 
-    assert "ciuic.memory" in sys.modules
+    code = f"import sys; {statement}; print(' '.join(sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return set(out.split())
 
 
-def test_handle_is_not_stored_on_the_model(techniques):
+class _Holder(nn.Module):
+    """A module holding the model, as a LightningModule does."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+
+def test_handle_is_stored_on_the_model_and_found_through_wrappers(techniques):
     model = _model()
     before = copy.deepcopy(model.state_dict())
-    ciuic.apply_(model, ciuic.CiuicConfig())
+    handle = ciuic.apply_(model, ciuic.CiuicConfig())
     assert model.state_dict().keys() == before.keys()
-    assert not [k for k in vars(model) if "ciuic" in k]
+    assert vars(model)["_ciuic_handle"] is handle
+    holder = _Holder(model)
+    assert ciuic.handle_of(holder) is handle
+    ddp_like = nn.Module()
+    ddp_like.module = holder
+    assert ciuic.handle_of(ddp_like) is handle
+    assert ciuic.handle_of(_model()) is None
+    with pytest.raises(
+        ciuic.ApplyError, match=r"already applied to this Module \(to the Sequential it holds\)"
+    ):
+        ciuic.apply_(ddp_like, ciuic.CiuicConfig())
+    assert ciuic.remove_(holder) == handle.config
+    assert ciuic.handle_of(model) is None
+    ciuic.apply_(holder, ciuic.CiuicConfig())
+    with pytest.raises(ciuic.ApplyError, match="already applied to a model that holds this Sequential"):
+        ciuic.apply_(model, ciuic.CiuicConfig())  # an inner model of an applied holder
+
+
+def test_applied_config_is_written_into_the_state_dict_and_survives_torch_save(techniques, tmp_path):
+    model = _model()
+    config = ciuic.CiuicConfig(activations="int8", budget="1GiB")
+    with pytest.warns(UserWarning, match="activations skipped"):
+        ciuic.apply_(model, config)
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt")
+    assert ciuic.saved_config(loaded) == config
+    assert ciuic.saved_config(_model().state_dict()) is None
+    wrapped = _Holder(model)
+    assert ciuic.saved_config(wrapped.state_dict(), prefix="model.") == config
+    _model().load_state_dict(loaded)  # a plain model loads it: the metadata is not a key
+    ciuic.remove_(model)
+    assert ciuic.saved_config(model.state_dict()) is None
+
+
+def test_step_scope_is_a_null_context_without_scoped_techniques(techniques):
+    import contextlib
+
+    model = _model()
+    assert isinstance(ciuic.step_scope(model), contextlib.nullcontext)
+    handle = ciuic.apply_(model, ciuic.CiuicConfig())
+    assert isinstance(handle.step_scope(), contextlib.nullcontext)
+
+
+class _Scoped:
+    """A picklable scope factory recording enters and exits."""
+
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    @contextlib.contextmanager
+    def __call__(self):
+        self.log.append(f"enter {self.name}")
+        try:
+            yield
+        finally:
+            self.log.append(f"exit {self.name}")
+
+
+def test_step_scope_enters_every_technique_scope_in_order(techniques):
+    log = []
+    for name, order, field in (("late", 30, "activations"), ("early", 10, "weights")):
+        tech = _scaling_technique(name, 1.0, order, log, field=field)
+        scoped = _Scoped(name, log)
+
+        def apply(model, config, _apply=tech.apply, _scoped=scoped):
+            record = _apply(model, config)
+            record.scope = _scoped
+            return record
+
+        techniques(Technique(tech.name, tech.fields, tech.order, tech.is_requested, apply))
+    model = _model()
+    ciuic.apply_(model, ciuic.CiuicConfig(weights="nf4", activations="int8"))
+    log.clear()
+    with pytest.raises(RuntimeError, match="in the step"), ciuic.step_scope(_Holder(model)):
+        log.append("step")
+        raise RuntimeError("in the step")
+    assert log == ["enter early", "enter late", "step", "exit late", "exit early"]
+
+
+def test_update_reapplies_only_what_changed_and_what_came_after(techniques):
+    log = []
+    techniques(_scaling_technique("early", 2.0, 10, log, field="weights"))
+    techniques(_scaling_technique("middle", 3.0, 20, log, field="loss"))
+    techniques(_scaling_technique("late", 5.0, 30, log, field="activations"))
+    model = _model()
+    x = torch.randn(2, 8)
+    reference = model(x).detach()
+    handle = ciuic.apply_(model, ciuic.CiuicConfig(weights="nf4", activations="int8"))
+    log.clear()
+    assert handle.update(handle.config.replace(activations="int4")) == ["late"]
+    assert log == ["undo late", "late"]
+    log.clear()
+    assert handle.update(handle.config.replace(loss="chunked")) == ["middle", "late"]
+    assert log == ["undo late", "middle", "late"]
+    assert handle.config.loss == "chunked"
+    assert not torch.equal(model(x), reference)
+    log.clear()
+    assert handle.update(handle.config) == []
+    assert log == []
+    assert handle.update(handle.config.replace(optimizer="adamw8bit")) == []
+    assert [k for k, _ in handle.deferred] == ["optimizer", "optimizer"]
+    assert "build a new one with ciuic.build_optimizer" in handle.report()
+    ciuic.remove_(model)
+    assert torch.equal(model(x), reference)
+
+
+def test_failed_update_restores_the_previous_config(techniques):
+    log = []
+    techniques(_scaling_technique("early", 2.0, 10, log, field="weights"))
+
+    def explode(model, config):
+        raise RuntimeError("no room")
+
+    techniques(Technique("late", ("activations",), 30, lambda c: c.activations != "none", explode))
+    model = _model()
+    handle = ciuic.apply_(model, ciuic.CiuicConfig(weights="nf4"))
+    log.clear()
+    with pytest.raises(RuntimeError, match="no room"):
+        handle.update(handle.config.replace(activations="int8"))
+    assert log == []
+    assert handle.config == ciuic.CiuicConfig(weights="nf4")
+    assert [r.technique for r in handle.applied] == ["early"]

@@ -34,7 +34,8 @@ def test_bad_config_file_is_a_clean_error(capsys, tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("weights: nf5\n")
     assert main(["demo", "--config", str(path)]) == 2
-    assert "weights='nf5' is not allowed. Allowed: 'none', 'int8', 'nf4', 'fp4'." in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "weights='nf5' is not allowed. Allowed: 'none', 'int8', 'nf4', 'fp4', or a mapping" in err
     assert main(["demo", "--config", str(tmp_path / "missing.yaml")]) == 2
 
 
@@ -54,3 +55,19 @@ def test_demo_command_runs_and_prints_the_memory_table(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "memory at the peak on cpu" in out
     assert "3 steps" in out
+
+
+def test_malformed_config_file_is_one_line_without_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "c.yaml"
+    path.write_text("weights: nf4\nactivations: [int8\n")
+    run = subprocess.run(
+        [sys.executable, "-m", "ciuic.cli", "demo", "--config", str(path)], capture_output=True, text=True
+    )
+    assert run.returncode == 2
+    assert run.stdout == ""
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1, run.stderr
+    assert "is not valid YAML" in lines[0] and "line 3, column 1" in lines[0]

@@ -1,5 +1,6 @@
 import json
 import pickle
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -110,7 +111,7 @@ def test_serialized_form_carries_version():
         ({"version": True}, "version=True is not supported"),
         ({"weight": "nf4"}, "config field 'weight' is unknown: known fields are weights, activations"),
         (["weights"], "is not a mapping"),
-        ({"preset": "max"}, "config field 'preset' is unknown"),
+        ({"preset": "fast"}, "preset='fast' is unknown"),
     ],
 )
 def test_from_dict_rejects_bad_documents(data, fragment):
@@ -151,3 +152,90 @@ def test_random_documents_give_a_config_or_a_value_error(data):
     except ValueError:
         return
     assert CiuicConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "fragment"),
+    [
+        ("c.yaml", "weights: nf4\nactivations: [int8\n", r"is not valid YAML: .* at line 3, column 1\.$"),
+        ("c.yaml", "weights: nf4\n  bad: : indent\n", r"is not valid YAML: .* at line 2, column \d+\.$"),
+        (
+            "c.json",
+            '{"weights": "nf4",\n "loss": }\n',
+            r"is not valid JSON: Expecting value at line 2, column 10\.$",
+        ),
+    ],
+)
+def test_malformed_file_is_one_config_error_naming_file_and_position(tmp_path, name, text, fragment):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        CiuicConfig.from_file(path)
+    message = str(caught.value)
+    assert message.startswith(f"config file {str(path)!r}")
+    assert "\n" not in message
+    assert re.search(fragment, message), message
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
+
+
+@pytest.mark.parametrize(
+    ("name", "text"), [("c.yaml", ""), ("c.yaml", "# only a comment\n"), ("c.json", " \n")]
+)
+def test_empty_file_is_refused(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="is empty: write at least one field"):
+        CiuicConfig.from_file(path)
+
+
+def test_file_values_errors_name_the_file_and_a_preset_key_starts_from_a_preset(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("- weights\n")
+    with pytest.raises(ConfigError, match="holds a list, not a mapping"):
+        CiuicConfig.from_file(path)
+    path.write_text("preset: balanced\nactivations: int4\nweights:\n  format: nf4\n  prune: '2:4'\n")
+    config = CiuicConfig.from_file(path)
+    assert config == CiuicConfig.preset(
+        "balanced", activations="int4", weights={"format": "nf4", "prune": "2:4"}
+    )
+    assert config.weights.prune == "2:4"
+    path.write_text("weights: {format: nf4, prune: '9:4'}\n")
+    with pytest.raises(ConfigError, match=r"config file .*: weights\.prune='9:4' is not allowed"):
+        CiuicConfig.from_file(path)
+    with pytest.raises(ConfigError, match="cannot be read"):
+        CiuicConfig.from_file(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "attribute", "expected"),
+    [
+        (
+            "weights",
+            {"format": "nf4", "double_quant": True, "freeze": ["model.embed"]},
+            "freeze",
+            ("model.embed",),
+        ),
+        ("activations", {"codec": "int4", "group_size": 32}, "group_size", 32),
+        ("loss", {"kind": "chunked", "chunk_bytes": 1024}, "chunk_bytes", 1024),
+    ],
+)
+def test_every_technique_option_is_a_config_field(field, value, attribute, expected, tmp_path):
+    config = CiuicConfig(**{field: value})
+    assert getattr(getattr(config, field), attribute) == expected
+    assert config.to_dict()[field] == {k: v for k, v in value.items()}
+    for suffix in (".json", ".yaml"):
+        config.to_file(tmp_path / f"c{suffix}")
+        assert CiuicConfig.from_file(tmp_path / f"c{suffix}") == config
+    assert pickle.loads(pickle.dumps(config)) == config
+    with pytest.raises(ConfigError, match=rf"{field}\.nope is not a \w+Options field: known fields are"):
+        CiuicConfig(**{field: {**value, "nope": 1}})
+
+
+def test_activation_rules_round_trip_from_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("activations:\n  codec: int2\n  rules:\n    - {codec: int8, types: ['*Attention']}\n")
+    config = CiuicConfig.from_file(path)
+    (rule,) = config.activations.rules
+    assert (rule.codec, rule.types) == ("int8", ("*Attention",))
+    config.to_file(tmp_path / "d.yaml")
+    assert CiuicConfig.from_file(tmp_path / "d.yaml") == config

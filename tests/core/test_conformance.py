@@ -15,20 +15,33 @@ import torch
 from torch import nn
 
 import ciuic
-from ciuic import CiuicConfig
+from ciuic import CiuicConfig, registry
 from tests.models import deepseek_v3, lora, progressions
 
-CONFIGS = {
-    "weights_nf4": CiuicConfig(weights="nf4"),
-    "weights_int8": CiuicConfig(weights="int8"),
-    "activations_int4": CiuicConfig(activations="int4"),
-    "offload_activations": CiuicConfig(offload={"activations"}),
-    "checkpointing_full": CiuicConfig(checkpointing="full"),
-    "loss_chunked": CiuicConfig(loss="chunked"),
-    "preset_balanced": CiuicConfig.preset("balanced"),
-    "preset_max": CiuicConfig.preset("max"),
-}
-LOSSY_AFTER_REMOVE = {"weights_nf4", "weights_int8", "preset_balanced", "preset_max"}
+
+def _examples() -> dict[str, tuple[str, CiuicConfig]]:
+    """Every registered technique's example configs, named, with the technique they request."""
+    examples = {}
+    for name, technique in registry.registered_techniques().items():
+        for data in technique.examples:
+            label = "_".join(f"{k}_{v if isinstance(v, str) else '_'.join(v)}" for k, v in data.items())
+            examples[label] = (name, CiuicConfig.from_dict(data))
+    return examples
+
+
+EXAMPLES = _examples()
+CONFIGS = {label: config for label, (_, config) in EXAMPLES.items()}
+CONFIGS.update({f"preset_{p}": CiuicConfig.preset(p) for p in ("balanced", "max")})
+LOSSY_AFTER_REMOVE = {label for label, config in CONFIGS.items() if config.weights.enabled}
+
+
+def test_every_registered_technique_has_examples_that_request_it() -> None:
+    for name, technique in registry.registered_techniques().items():
+        assert technique.examples, f"technique {name!r} registers no example config"
+        served = {t for t, _ in EXAMPLES.values()}
+        assert name in served
+    for technique, config in EXAMPLES.values():
+        assert technique in {t.name for t in registry.requested_techniques(config)}
 
 
 def _step(model: nn.Module) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -65,11 +78,18 @@ def test_apply_step_remove(name: str) -> None:
     assert all(torch.equal(a, b) for a, b in zip(after_grads, expected_grads, strict=True))
 
 
-@pytest.mark.parametrize("name", ["weights_nf4", "loss_chunked", "checkpointing_full"])
-def test_a_model_with_nothing_to_serve_is_refused_naming_the_field(name: str) -> None:
-    """A model without what the technique works on (a bare trainable ``nn.Linear``: no frozen
-    weights, no ``lm_head``, no blocks) is refused before training; never a silent no-op.
-    Compression and offload of saved tensors serve any module, so they have no such case."""
-    field = name.split("_")[0]
-    with pytest.raises(ciuic.errors.CiuicError, match=field):
-        ciuic.apply_(nn.Linear(8, 8), CONFIGS[name])
+@pytest.mark.parametrize("label", list(EXAMPLES))
+def test_a_model_with_nothing_to_serve_is_refused_naming_the_field(label: str) -> None:
+    """On a model without what the technique works on (a bare trainable ``nn.Linear``: no frozen
+    weights, no ``lm_head``, no blocks) a technique either refuses before training, naming its
+    field, or acts on it (compression and offload of saved tensors serve any module); never a
+    silent no-op."""
+    technique, config = EXAMPLES[label]
+    field = next(iter(config.requested()))
+    try:
+        handle = ciuic.apply_(nn.Linear(8, 8), config)
+    except ciuic.errors.CiuicError as error:
+        assert field in str(error)
+        return
+    record = handle.record(technique)
+    assert record is not None and record.changed, handle.report()
