@@ -43,7 +43,7 @@ def check_trainer_settings(
 
     Example:
         >>> import torch
-        >>> from ciuic.optim import CiuicAdamW
+        >>> from ciuic.optim import CiuicAdamW, check_trainer_settings
         >>> opt = CiuicAdamW(torch.nn.Linear(2, 2).parameters(), step_in_backward=True)
         >>> check_trainer_settings(opt, clip_grad_norm=None, accumulation_steps=1)
         >>> check_trainer_settings(opt, clip_grad_norm=1.0)

@@ -211,7 +211,8 @@ class CiuicAdamW(Optimizer):
         ``accumulation_steps > 1`` the retry starts again at the window's first micro-batch
         (the gradients of the parameters already stepped were freed, so the window cannot be
         completed). Without ``step_in_backward`` parameters only change in ``step()``, so this
-        only drops the gradients. Idempotent; runs by itself when a backward dies.
+        only drops the gradients (an update that fails inside ``step()`` is not undone: that
+        would need the log there too). Idempotent; runs by itself when a backward dies.
 
         Example:
             >>> import torch
@@ -231,8 +232,15 @@ class CiuicAdamW(Optimizer):
             for group in self.param_groups:
                 for param in group["params"]:
                     param.grad = None
-            self._micro_batch = 0
-            self._backward = None
+            self._forget_step()
+
+    def _forget_step(self) -> None:
+        """Make what ran final and restart counting micro-batches (a loaded state replaces it)."""
+        self.placement.finish()
+        self._pending.clear()
+        self._undo.clear()
+        self._micro_batch = 0
+        self._backward = None
 
     def _recover_if_dead(self) -> None:
         """Roll back a backward that died without its end-of-backward callback running."""
@@ -297,9 +305,9 @@ class CiuicAdamW(Optimizer):
         self._check_saved_bits(state_dict)
         saved = state_dict["state"]
         groups = [{k: v for k, v in g.items() if k != SAVED_SETTING} for g in state_dict["param_groups"]]
-        state_dict = {k: v for k, v in state_dict.items() if k != SAVED_SETTING}  # before 0.2: top level
+        state_dict = {k: v for k, v in state_dict.items() if k != SAVED_SETTING}  # older checkpoints: top level
         with self._lock:
-            self.rollback()
+            self._forget_step()
             super().load_state_dict({**state_dict, "param_groups": groups})
             ids = [i for group in groups for i in group["params"]]
             params = [p for group in self.param_groups for p in group["params"]]
