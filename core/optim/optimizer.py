@@ -305,7 +305,9 @@ class CiuicAdamW(Optimizer):
         self._check_saved_bits(state_dict)
         saved = state_dict["state"]
         groups = [{k: v for k, v in g.items() if k != SAVED_SETTING} for g in state_dict["param_groups"]]
-        state_dict = {k: v for k, v in state_dict.items() if k != SAVED_SETTING}  # older checkpoints: top level
+        state_dict = {
+            k: v for k, v in state_dict.items() if k != SAVED_SETTING
+        }  # older checkpoints: top level
         with self._lock:
             self._forget_step()
             super().load_state_dict({**state_dict, "param_groups": groups})

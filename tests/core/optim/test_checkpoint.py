@@ -44,13 +44,13 @@ def rebuilt(kwargs: dict[str, Any]) -> tuple[torch.nn.Module, CiuicAdamW]:
     return model, CiuicAdamW(model.parameters(), lr=3e-3, **kwargs)
 
 
-MODES = [
-    {"state_bits": bits, "step_in_backward": sib} for bits in (32, 8, 4) for sib in (False, True)
-]
+MODES = [{"state_bits": bits, "step_in_backward": sib} for bits in (32, 8, 4) for sib in (False, True)]
 
 
 @pytest.mark.usefixtures("process_group")
-@pytest.mark.parametrize("kwargs", MODES, ids=[f"{m['state_bits']}bit-sib{m['step_in_backward']}" for m in MODES])
+@pytest.mark.parametrize(
+    "kwargs", MODES, ids=[f"{m['state_bits']}bit-sib{m['step_in_backward']}" for m in MODES]
+)
 def test_get_and_set_optimizer_state_dict_continue_bitwise(kwargs: dict[str, Any]) -> None:
     model, opt, half, first = trained(kwargs)
     saved = get_optimizer_state_dict(half, first)
@@ -72,7 +72,9 @@ def test_get_and_set_optimizer_state_dict_continue_bitwise(kwargs: dict[str, Any
 def test_dcp_save_and_load_round_trip_continues_bitwise(tmp_path: Path, bits: int) -> None:
     kwargs = {"state_bits": bits, "step_in_backward": True}
     model, opt, half, first = trained(kwargs)
-    dcp.save({"model": half.state_dict(), "optim": get_optimizer_state_dict(half, first)}, checkpoint_id=tmp_path)
+    dcp.save(
+        {"model": half.state_dict(), "optim": get_optimizer_state_dict(half, first)}, checkpoint_id=tmp_path
+    )
 
     restored, second = rebuilt(kwargs)
     target = {"model": restored.state_dict(), "optim": get_optimizer_state_dict(restored, second)}
