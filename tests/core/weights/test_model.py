@@ -138,7 +138,8 @@ def test_reported_bytes_match_the_modules_storage(dtype: torch.dtype) -> None:
     assert applied.details["dense_bytes"] == dense
     assert applied.details["bf16_bytes"] * dtype.itemsize == dense * 2
     stored = sum(
-        linear_storage_bytes(m) if is_bnb_linear(m) else storage_bytes(*m.buffers()) for m in converted.values()
+        linear_storage_bytes(m) if is_bnb_linear(m) else storage_bytes(*m.buffers())
+        for m in converted.values()
     )
     assert applied.details["stored_bytes"] == stored
     assert sum(is_bnb_linear(m) for m in converted.values()) == len(converted) - 1

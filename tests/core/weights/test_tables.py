@@ -10,7 +10,13 @@ from torch.nn import functional as F
 from ciuic import ApplyError, MemoryMeter
 from ciuic.weights import WeightOptions, quantize_, snr_db
 from ciuic.weights.tables import QuantizedEmbedding, QuantizedHead
-from tests.core.weights.helpers import ATTENTION_TARGETS, HIDDEN, frozen_deepseek, frozen_qwen2, warm_bitsandbytes
+from tests.core.weights.helpers import (
+    ATTENTION_TARGETS,
+    HIDDEN,
+    frozen_deepseek,
+    frozen_qwen2,
+    warm_bitsandbytes,
+)
 from tests.models import lora, progressions
 
 BUILDERS = {"deepseek_v3": frozen_deepseek, "qwen2": frozen_qwen2}
@@ -146,6 +152,6 @@ def test_tied_head_alone_is_skipped_with_the_reason_and_contradictions_raise() -
     assert "tie_word_embeddings" in dict(applied.skipped)["lm_head"]
     assert type(model.lm_head) is nn.Linear
     applied.undo()
-    with pytest.raises(ApplyError, match="tied to the input embeddings.*head='int8' and embeddings='nf4'"):
+    with pytest.raises(ApplyError, match=r"tied to the input embeddings.*head='int8' and embeddings='nf4'"):
         quantize_(model, WeightOptions(format="nf4", head="int8", embeddings="nf4"))
     assert type(model.lm_head) is nn.Linear and type(model.model.embed_tokens) is nn.Embedding
