@@ -6,8 +6,10 @@ PEFT) in place, so a LoRA job becomes a QLoRA job without changing how the model
 bitsandbytes LoRA layers), DeepSeek's fused routed experts become
 :class:`QuantizedExperts` (block-wise storage, dequantized one expert at a time), and
 ``remove_`` dequantizes everything back to dense layers. :func:`quantize_` with
-:class:`WeightOptions` adds double quantization, an int8 ``lm_head``, modules to freeze and
-magnitude pruning.
+:class:`WeightOptions` adds double quantization, modules to freeze,
+magnitude pruning, and block-wise 8-bit/NF4 storage of a frozen ``lm_head`` and input
+embeddings (``head=``/``embeddings=``). :func:`dense_state_dict` exports the dequantized
+weights under the plain model's names.
 
 Example:
     >>> import torch, ciuic
@@ -23,18 +25,23 @@ Example:
 from ciuic.registry import Technique, register_technique
 
 from .experts import QuantizedExperts, fused_experts_layout_problem
+from .export import dense_state_dict
 from .functional import Codec, frozen_linear, snr_db, storage_bytes
 from .linear import dequantize_linear, quantize_linear
 from .model import dense_weights, quantize_
 from .options import FORMATS, WeightOptions
 from .prune import PrunedLinear, magnitude_mask
+from .tables import QuantizedEmbedding, QuantizedHead
 
 __all__ = [
     "FORMATS",
     "Codec",
     "PrunedLinear",
+    "QuantizedEmbedding",
     "QuantizedExperts",
+    "QuantizedHead",
     "WeightOptions",
+    "dense_state_dict",
     "dense_weights",
     "dequantize_linear",
     "frozen_linear",
