@@ -96,7 +96,7 @@ class QuantizedEmbedding(_QuantizedTable):
 
     Example:
         >>> import torch
-        >>> table = torch.nn.Embedding(10, 64)
+        >>> table = torch.nn.Embedding(10, 256)
         >>> q = QuantizedEmbedding(table, "int8")
         >>> ids = torch.tensor([[1, 2, 3]])
         >>> (q(ids) - table(ids)).abs().max().item() < 0.05

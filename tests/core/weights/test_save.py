@@ -91,20 +91,18 @@ def test_resume_converting_a_fresh_model_then_loading_is_bitwise(
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_dense_export_loads_into_the_plain_model_strictly(variant: str) -> None:
-    """bf16: the plain model computes bitwise what the dequantized (undone) model computes; fp32
-    below: the converted model itself, within fp32 rounding."""
-    model = _build(VARIANTS[variant], seed=0, peft=False, dtype=torch.bfloat16)
+    """bf16: the plain model computes bitwise what the dequantized (undone) model computes.
+    Against the converted model itself (fp32, within fp32 rounding): the PEFT test below."""
+    model = frozen_deepseek(torch.bfloat16, seed=0)
+    applied = quantize_(model, WeightOptions(**VARIANTS[variant]))
     exported = dense_state_dict(model)
     plain = frozen_deepseek(torch.bfloat16, seed=3)
     assert str(plain.load_state_dict(exported, strict=True)) == "<All keys matched successfully>"
     assert all(t.dtype == torch.bfloat16 for t in exported.values() if t.is_floating_point())
-    with torch.no_grad():
-        logits = plain(IDS).logits
-    undo_reference = frozen_deepseek(torch.bfloat16, seed=0)
-    applied = quantize_(undo_reference, WeightOptions(**VARIANTS[variant]))
     applied.undo()
+    assert list(exported) == list(model.state_dict())  # the plain model's names, in its order
     with torch.no_grad():
-        assert torch.equal(logits, undo_reference(IDS).logits)
+        assert torch.equal(plain(IDS).logits, model(IDS).logits)
 
 
 @pytest.mark.parametrize("variant", ["nf4", "int8", "head_embeddings"])
