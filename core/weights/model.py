@@ -61,6 +61,7 @@ from .tables import QuantizedEmbedding, QuantizedHead, embedding_layout_problem,
 ROUTER_NAMES = ("gate", "router")
 """Last name components of router linears (Qwen-MoE/Mixtral ``mlp.gate``): never quantized."""
 _FLAGS = ("is_loaded_in_4bit", "is_loaded_in_8bit")
+_STORED = (QuantizedExperts, PrunedLinear, QuantizedEmbedding, QuantizedHead)
 _MARK = "_ciuic_weights"
 
 
@@ -205,7 +206,7 @@ def _plan(model: nn.Module, options: WeightOptions) -> _Plan:
     for name, module in model.named_modules():
         if any(name.startswith(prefix + ".") for prefix in done):
             continue
-        if is_bnb_linear(module) or isinstance(module, (QuantizedExperts, PrunedLinear)):
+        if is_bnb_linear(module) or isinstance(module, _STORED):
             plan.skipped["already stored by bitsandbytes/ciuic: left as is"].append(name)
             done.append(name)
             continue

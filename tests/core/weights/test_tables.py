@@ -155,3 +155,23 @@ def test_tied_head_alone_is_skipped_with_the_reason_and_contradictions_raise() -
     with pytest.raises(ApplyError, match=r"tied to the input embeddings.*head='int8' and embeddings='nf4'"):
         quantize_(model, WeightOptions(format="nf4", head="int8", embeddings="nf4"))
     assert type(model.lm_head) is nn.Linear and type(model.model.embed_tokens) is nn.Embedding
+
+
+def test_converting_again_leaves_the_stored_tables_as_they_are() -> None:
+    model = frozen_qwen2()
+    first = quantize_(model, WeightOptions(format="none", head="nf4", embeddings="nf4"))
+    with pytest.raises(
+        ApplyError, match=r"model.embed_tokens, lm_head: already stored by bitsandbytes/ciuic"
+    ):
+        quantize_(model, WeightOptions(format="none", head="int8", embeddings="int8"))
+    first.undo()
+    assert type(model.lm_head) is nn.Linear and type(model.model.embed_tokens) is nn.Embedding
+
+
+def test_rows_not_a_multiple_of_the_block_size_are_skipped_with_the_reason() -> None:
+    from tests.models import qwen2
+
+    model = qwen2(hidden_size=64).requires_grad_(False)  # int8 blocks hold 256 weights
+    applied = quantize_(model, WeightOptions(format="nf4", head="int8", embeddings="int8"))
+    reason = "rows of 64 weights are not a multiple of the int8 block size 256"
+    assert ("model.embed_tokens, lm_head", reason) in applied.skipped
