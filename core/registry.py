@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +54,7 @@ class Applied:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     undo: Callable[[], None] = lambda: None
     details: dict[str, Any] = field(default_factory=dict)
+    scope: Callable[[], ContextManager[None]] | None = None
 
 
 @dataclass(frozen=True)
