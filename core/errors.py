@@ -25,3 +25,8 @@ class TechniqueUnavailableError(CiuicError, NotImplementedError):
 
 class ApplyError(CiuicError, RuntimeError):
     """``apply_``/``remove_`` was called in a state that does not allow it (e.g. applied twice)."""
+
+
+class InertTechniqueError(CiuicError, RuntimeError):
+    """A requested technique did nothing in a step (e.g. its hooks were never entered): the
+    message says why and how to make it act."""

@@ -1,17 +1,14 @@
-import warnings
-
 import pytest
 import torch
+
+from ciuic.logging_filters import quiet_bitsandbytes
+
+# Before anything imports bitsandbytes (peft and transformers do): it logs a known line on import.
+# Known third-party *warnings* are filtered in pyproject.toml's [tool.pytest.ini_options].
+quiet_bitsandbytes()
 
 
 @pytest.fixture(autouse=True)
 def _seeded() -> None:
     """Every test starts from the same RNG state, so its figures are the same on every run."""
     torch.manual_seed(0)
-
-
-# Third-party deprecation chatter that says nothing about ciuic.
-warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers(\.|$)")
-warnings.filterwarnings(
-    "ignore", message="The following .*_pattern keys did not match", category=RuntimeWarning
-)

@@ -42,7 +42,7 @@ from ciuic.config import (
 from ciuic.errors import ApplyError, TechniqueUnavailableError
 from ciuic.registry import Applied, Technique, register_technique
 
-from .checkpoint import AutoCheckpointing, checkpoint_blocks, checkpointed_indices, find_blocks
+from .checkpoint import AutoCheckpointing, UndoAll, checkpoint_blocks, checkpointed_indices, find_blocks
 from .codecs import CODECS, CodecSpec, decode, encode, fp8_available
 from .hooks import SavedTensorHooks
 from .options import DEFAULT_RULES, ActivationOptions, CodecRule
@@ -93,6 +93,12 @@ def install_activations(model: nn.Module, config: CiuicConfig) -> Applied:
 
     ``config.activations`` (an :class:`ActivationOptions`) gives the codec and its options.
 
+    When saved-tensor hooks are installed, ``record.scope`` is their
+    :meth:`~SavedTensorHooks.step_scope` (wrap a step that calls an inner module in it) and
+    ``record.details["hooks"]`` the :class:`SavedTensorHooks` (its ``state_dict`` holds the
+    stochastic-rounding generators). Everything installed, and ``record.undo``, survives
+    ``copy.deepcopy``, pickling and ``torch.save`` of the model.
+
     Raises:
         TechniqueUnavailableError: ``model`` is a ``torch.compile`` module, or fp8 is asked
             for and this torch has no ``float8_e4m3fn``.
@@ -125,15 +131,12 @@ def install_activations(model: nn.Module, config: CiuicConfig) -> Applied:
         hooks.install(blocks)
         undos.append(hooks.remove)
         record.changed.extend(name or "<root>" for name in hooks.scoped_modules)
-        record.details.update(offload=offload, group_size=options.group_size, stats=hooks.stats)
+        record.details.update(offload=offload, group_size=options.group_size, stats=hooks.stats, hooks=hooks)
+        record.scope = hooks.step_scope
+        record.stateful = hooks
     if config.checkpointing != "none":
         undos.append(_checkpoint(model, config, blocks, hooks, record))
-
-    def undo() -> None:
-        for step in reversed(undos):
-            step()
-
-    record.undo = undo
+    record.undo = UndoAll(undos)
     return record
 
 
@@ -156,7 +159,7 @@ def _checkpoint(
             record.skipped.append(
                 ("checkpointing='auto'", "budget=None on CPU: no limit to fit, nothing checkpointed")
             )
-            return lambda: None
+            return UndoAll([])
         auto = AutoCheckpointing(model, blocks, budget, hooks._pack if hooks is not None else None)
         record.changed.append("auto checkpointing (decided at the first training step)")
         record.details["checkpointing"] = auto.decision  # filled in at the first training step

@@ -35,8 +35,6 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-_MISSING = object()
-
 
 def find_blocks(model: nn.Module) -> tuple[nn.Module, ...]:
     """The decoder blocks of ``model``.
@@ -64,54 +62,81 @@ def _is_hf_layer(module: nn.Module) -> bool:
     return any(cls.__name__ == "GradientCheckpointingLayer" for cls in type(module).__mro__)
 
 
+class _RestoreAttr:
+    """Puts back an instance attribute as it was (a picklable undo)."""
+
+    def __init__(self, module: nn.Module, name: str, previous: object) -> None:
+        self.module, self.name, self.previous = module, name, previous
+
+    def __call__(self) -> None:
+        if self.previous is _MISSING:
+            self.module.__dict__.pop(self.name, None)
+        else:
+            object.__setattr__(self.module, self.name, self.previous)
+
+
+class _Missing:
+    """The marker of an attribute that was absent; one instance, also after a copy."""
+
+    def __reduce__(self) -> str:
+        return "_MISSING"
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Missing:
+        return self
+
+
+_MISSING = _Missing()
+
+
+class UndoAll:
+    """Calls undos in reverse order (a picklable composite undo)."""
+
+    def __init__(self, undos: list[Callable[[], None]]) -> None:
+        self.undos = undos
+
+    def __call__(self) -> None:
+        for undo in reversed(self.undos):
+            undo()
+
+
 def _set_attr(module: nn.Module, name: str, value: object) -> Callable[[], None]:
     """Set an instance attribute; the returned callable puts back what was there."""
     previous = module.__dict__.get(name, _MISSING)
     object.__setattr__(module, name, value)
+    return _RestoreAttr(module, name, previous)
 
-    def undo() -> None:
-        if previous is _MISSING:
-            module.__dict__.pop(name, None)
-        else:
-            object.__setattr__(module, name, previous)
 
-    return undo
+class CheckpointedForward:
+    """The instance ``forward`` of a checkpointed block that is no Hugging Face layer.
+
+    It holds its module (not a weak reference) so that it survives ``deepcopy``/pickling with
+    the model, where the copy's forward refers to the copy.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        module = self.module
+        forward = type(module).forward
+        if module.training and torch.is_grad_enabled():
+            return checkpoint(forward, module, *args, use_reentrant=False, **kwargs)
+        return forward(module, *args, **kwargs)
 
 
 def checkpoint_block(block: nn.Module) -> Callable[[], None]:
     """Recompute ``block`` in backward (training with gradients only); returns the undo."""
-    recompute = functools.partial(checkpoint, use_reentrant=False)
     if _is_hf_layer(block):
+        recompute = functools.partial(checkpoint, use_reentrant=False)
         undo_func = _set_attr(block, "_gradient_checkpointing_func", recompute)
         undo_flag = _set_attr(block, "gradient_checkpointing", True)
-
-        def undo() -> None:
-            undo_flag()
-            undo_func()
-
-        return undo
-    forward = type(block).forward
-    ref = weakref.ref(block)
-
-    def checkpointed_forward(*args: Any, **kwargs: Any) -> Any:
-        module = ref()
-        assert module is not None
-        if module.training and torch.is_grad_enabled():
-            return recompute(forward, module, *args, **kwargs)
-        return forward(module, *args, **kwargs)
-
-    return _set_attr(block, "forward", checkpointed_forward)
+        return UndoAll([undo_func, undo_flag])
+    return _set_attr(block, "forward", CheckpointedForward(block))
 
 
 def checkpoint_blocks(blocks: tuple[nn.Module, ...], *, every: int = 1) -> Callable[[], None]:
     """Checkpoint blocks ``0, every, 2*every, ...``; returns the undo of all of them."""
-    undos = [checkpoint_block(b) for i, b in enumerate(blocks) if i % every == 0]
-
-    def undo_all() -> None:
-        for undo in reversed(undos):
-            undo()
-
-    return undo_all
+    return UndoAll([checkpoint_block(b) for i, b in enumerate(blocks) if i % every == 0])
 
 
 def checkpointed_indices(blocks: tuple[nn.Module, ...]) -> list[int]:
@@ -126,11 +151,13 @@ def checkpointed_indices(blocks: tuple[nn.Module, ...]) -> list[int]:
 class AutoCheckpointing:
     """``checkpointing='auto'``: the fewest blocks that fit ``budget``, chosen at the first step.
 
-    At the first forward in training mode with gradients, a pre-forward hook runs a dry forward
-    on the same inputs, RNG state preserved, whose saved tensors are counted and dropped at
-    once (so it holds no more than one op's temporaries). It measures, per block, the bytes the
-    block would keep for backward (after compression, when ``pack`` is given) and the bytes of
-    its inputs (what a checkpointed block keeps instead). The step is estimated as
+    At the first forward in training mode with gradients of the root model or of any module
+    that holds the blocks (so it works whichever of them a trainer calls), a pre-forward hook
+    runs a dry forward of that module on the same inputs, RNG state preserved, whose saved
+    tensors are counted and dropped at once (so it holds no more than one op's temporaries). It
+    measures, per block, the bytes the block would keep for backward (after compression, when
+    ``pack`` is given) and the bytes of its inputs (what a checkpointed block keeps instead).
+    The step is estimated as
 
         fixed + saved outside blocks + peak of what the blocks keep
 
@@ -160,28 +187,39 @@ class AutoCheckpointing:
         self.pack = pack
         self.decision: dict[str, Any] = {}
         self._undos: list[Callable[[], None]] = []
-        self._hook = model.register_forward_pre_hook(self._first_forward, with_kwargs=True, prepend=True)
+        self._hooks = [
+            m.register_forward_pre_hook(self._first_forward, with_kwargs=True, prepend=True)
+            for m in holders(model, blocks)
+        ]
 
     def remove(self) -> None:
-        """Remove the hook and the checkpointing it chose."""
-        self._hook.remove()
+        """Remove the hooks and the checkpointing they chose."""
+        self._remove_hooks()
         for undo in reversed(self._undos):
             undo()
         self._undos.clear()
 
+    def _remove_hooks(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+
     def _first_forward(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         if not (module.training and torch.is_grad_enabled()) or self.decision:
             return
-        self._hook.remove()
-        kept, inputs, outside = self.measure(args, kwargs)
+        self._remove_hooks()
+        kept, inputs, outside = self.measure(args, kwargs, module)
         chosen = self.choose(kept, inputs, outside)
         self._undos = [checkpoint_block(self.blocks[i]) for i in chosen]
         self.decision.update(
             checkpointed=chosen, saved_per_block=kept, inputs_per_block=inputs, saved_outside=outside
         )
 
-    def measure(self, args: Any, kwargs: Any) -> tuple[list[int], list[int], int]:
-        """Dry-run forward: bytes each block keeps, each block's input bytes, bytes outside."""
+    def measure(
+        self, args: Any, kwargs: Any, module: nn.Module | None = None
+    ) -> tuple[list[int], list[int], int]:
+        """Dry-run forward of ``module`` (default: the root): bytes each block keeps, each
+        block's input bytes, bytes outside the blocks."""
         counter = _SavedCounter(self.pack, len(self.blocks))
         hooks = []
         for i, block in enumerate(self.blocks):
@@ -190,7 +228,7 @@ class AutoCheckpointing:
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         try:
             with torch.random.fork_rng(devices=devices), counter.hooks():
-                self.model.forward(*args, **kwargs)
+                (module or self.model).forward(*args, **kwargs)
         finally:
             for hook in hooks:
                 hook.remove()
@@ -220,6 +258,26 @@ class AutoCheckpointing:
             stacklevel=2,
         )
         return list(range(n))
+
+
+def holders(model: nn.Module, blocks: tuple[nn.Module, ...]) -> list[nn.Module]:
+    """``model`` and every module between it and ``blocks`` (the containers left out: they have
+    no forward), outermost first.
+
+    >>> inner = torch.nn.Sequential(torch.nn.ModuleList([torch.nn.ReLU()]))
+    >>> [type(m).__name__ for m in holders(torch.nn.Sequential(inner), tuple(inner[0]))]
+    ['Sequential', 'Sequential']
+    """
+    names = {id(m): n for n, m in model.named_modules()}
+    modules = dict(model.named_modules())
+    found = [model]
+    for block in blocks:
+        parts = names.get(id(block), "").split(".")
+        for depth in range(1, len(parts)):
+            holder = modules[".".join(parts[:depth])]
+            if not isinstance(holder, (nn.ModuleList, nn.ModuleDict)) and all(holder is not m for m in found):
+                found.append(holder)
+    return found
 
 
 def estimate_peak(chosen: set[int], kept: list[int], inputs: list[int]) -> int:

@@ -146,6 +146,19 @@ class Encoded:
         """The same encoding over other tensors (e.g. host copies)."""
         return Encoded(self.codec, tensors[0], tensors[1], self.numel, self.dtype)
 
+    def header(self) -> Encoded:
+        """The same encoding without its tensors (empty ones): what to keep beside an offloaded
+        copy, so that the device codes and metadata are freed (:meth:`replace_tensors` puts
+        tensors back).
+
+        >>> encode(torch.randn(100), CodecSpec("int8")).header().nbytes
+        0
+        """
+        return Encoded(self.codec, _EMPTY, _EMPTY, self.numel, self.dtype)
+
+
+_EMPTY = torch.empty(0, dtype=torch.uint8)
+
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()

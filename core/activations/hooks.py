@@ -6,6 +6,14 @@
   when gradients are enabled and the model is training: ``eval()`` and ``no_grad`` see no
   change) and its post-forward hook, registered with ``always_call=True``, leaves it even when
   the forward raises;
+- :meth:`SavedTensorHooks.step_scope` enters them for a whole block instead, for a trainer
+  whose step calls an inner module rather than the root's ``forward`` (a ``LightningModule``
+  whose ``training_step`` calls ``self.model(...)``); a root forward inside it does not enter
+  them again;
+- a tensor hook on each trainable parameter raises :class:`~ciuic.errors.InertTechniqueError`
+  at the first backward if the saved-tensor hooks were never entered while a module of the
+  model is training (the step ran without the scope and without a training forward of the
+  root), and is removed once a backward saw them entered;
 - the hooks of the modules that need it (a rule applies, a linear layer, a decoder block)
   keep a stack of *scopes*: the codec and rounding that the tensors saved right now get, and
   the block they belong to (what the offload prefetches one block ahead in backward).
@@ -22,21 +30,34 @@ What a pack does with a saved tensor:
 2. integer tensors: kept (offloaded if asked); bool tensors (dropout masks): 1 bit each;
 3. floating-point tensors under ``min_numel`` elements, non-finite ones, and views that
    cannot be rebuilt exactly: kept (offloaded if asked);
-4. the rest: encoded with the scope's codec (stochastic rounding inside linear layers).
+4. what is saved after the last decoder block has left (the final norm, ``lm_head``, the loss):
+   never encoded (offloaded if asked). Backward uses and frees it first, at the start of
+   backward, where the step peaks: there an encoding would hold its codes beside the decoded
+   copy and cost float32 scratch of the logits' size, which doubled the temporaries at the
+   loss (issue #10, 9c);
+5. the rest: encoded with the scope's codec (stochastic rounding inside linear layers).
 
 Packed data is keyed on the exact block of memory it came from (storage, offset, dtype, shape,
 strides, version; see :mod:`ciuic.activations.layout`): a tensor saved twice (``x`` and
 ``x.view(...)``, the same softmax saved by two ops) is packed once and reference-counted by the
 handles autograd holds. Unpacking decodes a fresh tensor each time, so a graph may be unpacked
 more than once (``retain_graph``) and in any order.
+
+The hooks object survives ``copy.deepcopy``, pickling and ``torch.save`` of the model it is
+installed on: the module hooks are bound methods (or ``functools.partial`` of them), the
+per-step state (entries, segments, the per-thread stacks, CUDA streams) is dropped on copy, and
+the stochastic-rounding generators are copied, so a copy's next step is bitwise the original's
+(:meth:`SavedTensorHooks.state_dict` saves them for a resumed run).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import sys
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
@@ -44,7 +65,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ciuic.errors import TechniqueUnavailableError
+from ciuic.errors import InertTechniqueError, TechniqueUnavailableError
 from ciuic.memory import tag_tensor
 
 from .codecs import CodecSpec, Encoded, decode, encode, more_precise, pack_mask, unpack_mask
@@ -74,6 +95,7 @@ class Scope:
         block: Whether the module is a decoder block (starts a new offload segment).
         dropout: Whether the module is a dropout layer (its saved floating-point mask,
             values ``0`` and ``1 / (1 - p)`` as the CPU kernel saves it, is stored in 1 bit).
+        last: Whether the module is the last decoder block (what is saved after it is kept).
     """
 
     codec: str
@@ -81,6 +103,7 @@ class Scope:
     weight_shapes: frozenset[tuple[int, ...]] = frozenset()
     block: bool = False
     dropout: bool = False
+    last: bool = False
 
 
 @dataclass
@@ -139,6 +162,8 @@ class SavedTensorHooks:
         >>> hooks.remove()
     """
 
+    _TRANSIENT = ("_local", "_entries", "_segments", "_offloaders", "_checks", "_param_ptrs")
+
     def __init__(
         self, model: nn.Module, *, codec: str, offload: bool, options: ActivationOptions | None = None
     ) -> None:
@@ -147,36 +172,109 @@ class SavedTensorHooks:
         self.offload = offload
         self.options = options or ActivationOptions()
         self.stats = PackStats()
+        self._segment = 0
+        self._tail = False  # the last decoder block has left: what is saved now is kept
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._handles: list[Any] = []
+        self._watched: list[nn.Parameter] = []  # trainable parameters the inert check watches
+        self._entered = False  # the saved-tensor hooks were entered at least once
+        self._check_passed = False  # a backward ran after they were entered: the check can go
+        self.scoped_modules: list[str] = []
+        self._init_transient()
+
+    def _init_transient(self) -> None:
         self._local = threading.local()
         self._entries: weakref.WeakValueDictionary[tuple[object, ...], _Entry] = weakref.WeakValueDictionary()
         self._segments: dict[int, list[weakref.ref[_Entry]]] = {}
-        self._segment = 0
-        self._param_ptrs: set[int] = set()
         self._offloaders: dict[torch.device, Offloader] = {}
-        self._generators: dict[torch.device, torch.Generator] = {}
-        self._handles: list[Any] = []
-        self.scoped_modules: list[str] = []
+        self._checks: list[Any] = []
+        self._param_ptrs: set[int] = set()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What a copy keeps: everything but the per-step state (see the module docstring)."""
+        return {k: v for k, v in self.__dict__.items() if k not in self._TRANSIENT}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_transient()
+        if self._handles and not self._check_passed:  # parameters do not carry tensor hooks over
+            self._arm_check()
 
     # -- installation ----------------------------------------------------------------------
     def install(self, blocks: tuple[nn.Module, ...] = ()) -> SavedTensorHooks:
         """Register the forward hooks on the model; ``blocks`` are its decoder blocks."""
         block_ids = {id(b) for b in blocks}
+        last = id(blocks[-1]) if blocks else None
         self._param_ptrs = _storage_ptrs(self.model)
         self._handles.append(self.model.register_forward_pre_hook(self._enter))
         self._handles.append(self.model.register_forward_hook(self._exit, always_call=True))
-        for name, module, scope in self._scopes(block_ids):
+        for name, module, scope in self._scopes(block_ids, last):
             self.scoped_modules.append(name)
-            self._handles.append(module.register_forward_pre_hook(self._push(scope)))
-            self._handles.append(module.register_forward_hook(self._pop(scope), always_call=True))
+            self._handles.append(module.register_forward_pre_hook(functools.partial(self._push, scope)))
+            self._handles.append(
+                module.register_forward_hook(functools.partial(self._pop, scope), always_call=True)
+            )
+        self._watched = [p for p in self.model.parameters() if p.requires_grad]
+        self._arm_check()
         return self
 
     def remove(self) -> None:
         """Remove every hook; saved data already packed stays valid until its graph is freed."""
-        for handle in self._handles:
+        for handle in (*self._handles, *self._checks):
             handle.remove()
         self._handles.clear()
+        self._checks.clear()
 
-    def _scopes(self, block_ids: set[int]) -> Iterator[tuple[str, nn.Module, Scope]]:
+    def step_scope(self) -> contextlib.AbstractContextManager[None]:
+        """A context manager that packs what a whole training step saves.
+
+        Wrap a trainer's step in it when the step calls an inner module rather than the root's
+        ``forward`` (a root forward inside it does not enter the hooks again). It does nothing
+        when gradients are off or the root model is in ``eval()`` mode.
+
+        Example:
+            >>> import torch
+            >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU())
+            >>> hooks = SavedTensorHooks(model, codec="int8", offload=False).install()
+            >>> with hooks.step_scope():
+            ...     model[1](model[0](torch.randn(32, 64))).sum().backward()
+            >>> hooks.stats.packed
+            2
+            >>> hooks.remove()
+        """
+        return self._scoped()
+
+    @contextlib.contextmanager
+    def _scoped(self) -> Iterator[None]:
+        context = self._activate(self.model) if torch.is_grad_enabled() and self.model.training else None
+        try:
+            yield
+        finally:
+            self._deactivate(context)
+
+    def _arm_check(self) -> None:
+        check = _InertCheck(self)
+        self._checks = [p.register_hook(check) for p in self._watched]
+
+    def _check_backward(self) -> None:
+        """Called by the tensor hooks on the trainable parameters at each backward."""
+        if self._entered:
+            self._check_passed = True  # the hooks go at the next entry (not inside backward)
+            return
+        if not any(m.training for m in self.model.modules()):
+            return  # eval() with gradients: saved exactly, as asked
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        first = next((names[id(p)] for p in self._watched if id(p) in names), "?")
+        raise InertTechniqueError(
+            f"activations={self.codec!r}/offload={self.offload}: a backward ran through the "
+            f"trainable parameters of {type(self.model).__name__} (e.g. {first!r}) but ciuic's "
+            f"saved-tensor hooks were never entered, so nothing was compressed or offloaded: the "
+            f"step did not call the model ciuic was applied to in training mode. Wrap the step in "
+            f"the handle's step scope (`with record.scope(): ...`), apply ciuic to the module the "
+            f"step calls, or call model.train() before the step."
+        )
+
+    def _scopes(self, block_ids: set[int], last: int | None = None) -> Iterator[tuple[str, nn.Module, Scope]]:
         """Modules whose saved tensors are stored differently from their parent's."""
         inherited: dict[str, str] = {}  # codec each module hands down to its submodules
         on_top: dict[str, str] = {}  # codec of the innermost scope pushed around a module's children
@@ -196,11 +294,12 @@ class SavedTensorHooks:
                 for shape in (tuple(p.shape), (*p.shape[:-2], p.shape[-1], p.shape[-2]))
             )
             block = id(module) in block_ids
+            final = id(module) == last
             dropout = isinstance(module, nn.modules.dropout._DropoutNd)
             pushed = codec != parent_top or linear or bool(weights) or block or dropout or not name
             on_top[name] = codec if pushed else parent_top
             if pushed:
-                yield name, module, Scope(codec, linear, weights, block, dropout)
+                yield name, module, Scope(codec, linear, weights, block, dropout, final)
 
     # -- module hooks ----------------------------------------------------------------------
     def _stack(self) -> list[Scope]:
@@ -209,43 +308,57 @@ class SavedTensorHooks:
             stack = self._local.stack = []
         return stack
 
-    def _push(self, scope: Scope) -> Callable[[nn.Module, Any], None]:
-        def pre(module: nn.Module, args: Any) -> None:
-            self._stack().append(scope)
-            if scope.block:
-                self._segment += 1
-            if scope.weight_shapes:  # weights FSDP unsharded in its pre-forward hook count too
-                self._param_ptrs.update(_storage_ptrs(module, recurse=False))
+    def _push(self, scope: Scope, module: nn.Module, args: Any) -> None:
+        self._stack().append(scope)
+        if scope.block:
+            self._segment += 1
+            self._tail = False
+        if scope.weight_shapes:  # weights FSDP unsharded in its pre-forward hook count too
+            self._param_ptrs.update(_storage_ptrs(module, recurse=False))
 
-        return pre
-
-    def _pop(self, scope: Scope) -> Callable[[nn.Module, Any, Any], None]:
-        def post(module: nn.Module, args: Any, output: Any) -> None:
-            stack = self._stack()
-            if any(s is scope for s in stack):
-                while stack.pop() is not scope:  # and any scope above it left by an exception
-                    pass
-            if scope.block:
-                self._segment += 1
-
-        return post
+    def _pop(self, scope: Scope, module: nn.Module, args: Any, output: Any) -> None:
+        stack = self._stack()
+        if any(s is scope for s in stack):
+            while stack.pop() is not scope:  # and any scope above it left by an exception
+                pass
+        if scope.block:
+            self._segment += 1
+            self._tail = scope.last
 
     @torch.compiler.disable  # type: ignore[untyped-decorator]
     def _enter(self, module: nn.Module, args: Any) -> None:
         active = torch.is_grad_enabled() and module.training
         if active and _compiled(module):
             raise TechniqueUnavailableError(_COMPILE_MESSAGE)
-        context = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack) if active else None
-        if context is not None:
-            self._param_ptrs = _storage_ptrs(module)
-            self._prune_segments()
-            context.__enter__()
-        self._contexts().append(context)
+        self._contexts().append(self._activate(module) if active else None)
 
     def _exit(self, module: nn.Module, args: Any, output: Any) -> None:
         contexts = self._contexts()
-        context = contexts.pop() if contexts else None
-        if context is not None:
+        self._deactivate(contexts.pop() if contexts else None)
+
+    def _activate(self, module: nn.Module) -> Any:
+        """Enter the autograd hooks unless a scope of this thread already did; the context or None."""
+        if getattr(self._local, "depth", 0) > 0:
+            self._local.depth += 1
+            return _NESTED
+        if self._check_passed and self._checks:
+            for handle in self._checks:
+                handle.remove()
+            self._checks.clear()
+        context = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._param_ptrs = _storage_ptrs(module)
+        self._prune_segments()
+        self._tail = False
+        context.__enter__()
+        self._local.depth = 1
+        self._entered = True
+        return context
+
+    def _deactivate(self, context: Any) -> None:
+        if context is None:
+            return
+        self._local.depth -= 1
+        if context is not _NESTED:
             context.__exit__(None, None, None)
 
     def _contexts(self) -> list[Any]:
@@ -259,6 +372,26 @@ class SavedTensorHooks:
         """Forget the segments whose entries have all been freed (their graphs are gone)."""
         for segment in [s for s, refs in self._segments.items() if all(r() is None for r in refs)]:
             del self._segments[segment]
+
+    # -- saving and loading the generators -------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The stochastic-rounding generators' states, by device (save it with the model).
+
+        Example:
+            >>> import torch
+            >>> hooks = SavedTensorHooks(torch.nn.Linear(64, 64), codec="int8", offload=False)
+            >>> hooks.load_state_dict(hooks.state_dict())
+        """
+        return {"generators": {str(d): g.get_state() for d, g in self._generators.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the generators saved by :meth:`state_dict` (the next step then rounds alike)."""
+        generators = {}
+        for device, generator_state in state["generators"].items():
+            generator = torch.Generator(torch.device(device))
+            generator.set_state(generator_state)
+            generators[torch.device(device)] = generator
+        self._generators = generators
 
     # -- pack / unpack ---------------------------------------------------------------------
     def _scope(self) -> Scope:
@@ -297,7 +430,7 @@ class SavedTensorHooks:
             return None
         if scope.dropout and _is_scaled_mask(tensor):
             return "mask"
-        codec = scope.codec
+        codec = "none" if self._tail else scope.codec
         if codec != "none" and tuple(tensor.shape) in scope.weight_shapes:
             codec = more_precise(codec, self.options.weight_copies)
         if codec == "none" and not self.offload:
@@ -329,7 +462,7 @@ class SavedTensorHooks:
         else:
             spec = CodecSpec(codec, self.options.group_size, stochastic=scope.stochastic)
             enc = encode(flat.detach(), spec, self._generator(flat.device) if scope.stochastic else None)
-            kind, data, meta = "codec", enc.tensors(), enc
+            kind, data, meta = "codec", enc.tensors(), enc.header()
             # inf or NaN in a group make its min/max (or absmax) non-finite: checking the
             # scales is as sound as checking the tensor, and reads far fewer elements
             if self.options.check_finite and not bool(torch.isfinite(enc.meta).all()):
@@ -387,6 +520,19 @@ class SavedTensorHooks:
         return self._generators[device]
 
 
+_NESTED = object()  # what a root forward inside a step scope pushes: the scope's hooks serve it
+
+
+class _InertCheck:
+    """Tensor hook on a trainable parameter: refuses a backward that the hooks did not see."""
+
+    def __init__(self, hooks: SavedTensorHooks) -> None:
+        self.hooks = hooks
+
+    def __call__(self, grad: torch.Tensor) -> None:
+        self.hooks._check_backward()
+
+
 def _compiled(module: nn.Module) -> bool:
     """Whether ``module`` runs under ``torch.compile`` (``module.compile()`` or a wrapper)."""
     if getattr(module, "_compiled_call_impl", None) is not None:
@@ -403,8 +549,8 @@ def _compiled(module: nn.Module) -> bool:
 
 def _flat(entry: _Entry, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
     if entry.kind == "codec":
-        enc: Encoded = entry.meta
-        return decode(enc.replace_tensors(tensors))
+        header: Encoded = entry.meta
+        return decode(header.replace_tensors(tensors))
     if entry.kind == "mask":
         mask = unpack_mask(tensors[0], entry.meta)
         return mask if len(tensors) == 1 else mask.to(tensors[1].dtype) * tensors[1]

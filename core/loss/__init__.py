@@ -4,7 +4,10 @@ The loss of a causal LM is ``cross_entropy(lm_head(hidden))``; with a 152k vocab
 logits, their fp32 copy, softmax and gradient dominate a fine-tuning step's memory.
 :func:`linear_cross_entropy` computes the same loss and gradients chunk by chunk without ever
 holding the full logits; ``ciuic.apply_`` routes a Hugging Face causal LM's ``labels`` loss
-through it (:func:`apply_chunked_loss`). With ``labels`` the model returns ``logits=None``.
+through it (:func:`apply_chunked_loss`). In training with ``labels`` the model returns
+``logits=None`` (``apply_chunked_loss(..., training_logits=True)`` returns them, detached); in
+evaluation (``model.eval()`` or ``torch.no_grad()``) it runs the model's own forward, logits
+included, so evaluation loops and ``compute_metrics`` work unchanged.
 
 Example:
     >>> import torch, ciuic

@@ -30,6 +30,7 @@ from ciuic.config import (
 from ciuic.errors import ConfigError
 from ciuic.registry import BUILD_OPTIMIZER, register_optimizer_factory
 
+from .checks import check_trainer_settings
 from .functional import adamw_math, adamw_quantized
 from .optimizer import STATE_BITS, CiuicAdamW
 from .quant import FORMATS, MIN_QUANTIZED_NUMEL, StateFormat, dequantize_blockwise, quantize_blockwise
@@ -43,6 +44,7 @@ __all__ = [
     "adamw_math",
     "adamw_quantized",
     "build_ciuic_adamw",
+    "check_trainer_settings",
     "dequantize_blockwise",
     "quantize_blockwise",
 ]
@@ -58,7 +60,7 @@ def build_ciuic_adamw(
 ) -> CiuicAdamW:
     """The registered optimizer factory: ``config`` sets ``state_bits``, ``step_in_backward`` and
     ``offload``; ``kwargs`` are the other :class:`CiuicAdamW` arguments (``lr``, ``betas``, ``eps``,
-    ``weight_decay``, ``min_quantized_numel``, ``accumulation_steps``).
+    ``weight_decay``, ``min_quantized_numel``, ``accumulation_steps``, ``fp32_states``).
 
     Raises:
         ConfigError: ``kwargs`` repeat what the config sets, or name an unknown argument.
@@ -75,7 +77,15 @@ def build_ciuic_adamw(
             f"{clash[0]}={kwargs[clash[0]]!r} is set by the config: use CiuicConfig(optimizer=..., "
             f"step_in_backward=..., offload=...) instead of passing it to build_optimizer."
         )
-    allowed = ("lr", "betas", "eps", "weight_decay", "min_quantized_numel", "accumulation_steps")
+    allowed = (
+        "lr",
+        "betas",
+        "eps",
+        "weight_decay",
+        "min_quantized_numel",
+        "accumulation_steps",
+        "fp32_states",
+    )
     unknown = [key for key in kwargs if key not in allowed]
     if unknown:
         raise ConfigError(

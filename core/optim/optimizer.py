@@ -10,6 +10,7 @@ the parameter is (chunks are whole blocks, so chunking changes no bit of the res
 from __future__ import annotations
 
 import math
+import threading
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -22,6 +23,7 @@ from ciuic.errors import ConfigError
 from .functional import adamw_math, adamw_quantized
 from .placement import Placement, Staged
 from .quant import FORMATS, MIN_QUANTIZED_NUMEL, StateFormat
+from .undo import UndoLog
 
 STATE_BITS = (32, 8, 4)
 """Allowed ``state_bits``: fp32 states, or block-wise quantized 8-bit or 4-bit states."""
@@ -30,7 +32,9 @@ CHUNK_NUMEL = 1 << 20
 """Elements updated at a time (a multiple of every block size, so chunks hold whole blocks)."""
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
-FP32_KEYS = MOMENTS
+SAVED_SETTING = "state_bits"
+"""Key of each saved param group that records ``state_bits`` (checked on load; a per-group key,
+since ``torch.distributed.checkpoint`` keeps only ``state`` and ``param_groups``)."""
 
 
 class CiuicAdamW(Optimizer):
@@ -57,6 +61,19 @@ class CiuicAdamW(Optimizer):
             ``step()`` every N micro-batches; a value other than 1 is refused.
         offload: Keep the states in (pinned) host memory and run the update there; on CUDA the
             copies run on a side stream, overlapping backward. Bitwise identical to ``False``.
+        fp32_states: With ``state_bits=32``, keep the moments in fp32 whatever the parameter
+            dtype. By default they take the parameter's dtype, as ``torch.optim.AdamW``'s do
+            (bf16 parameters, bf16 moments: 4 bytes per parameter instead of 8); the update is
+            computed in fp32 either way. Refused with ``state_bits`` 8 or 4 (no effect).
+
+    Failure and recovery: with ``step_in_backward`` the in-backward updates are transactional.
+    Before a parameter steps, its value and states are copied into an undo log (host memory when
+    offloading; see :mod:`ciuic.optim.undo` for the cost: up to one copy of the trainable
+    parameters and their states, held from the backward until ``step()``/``zero_grad()`` or the
+    next backward). If the backward dies (an exception from any hook or node), the optimizer
+    restores the log as the exception unwinds, or at the latest at its next hook, ``step()``,
+    ``zero_grad()`` or ``state_dict()``; :meth:`rollback` does it explicitly. A retried step
+    then equals an uninterrupted one bitwise.
 
     Raises:
         ConfigError: an argument out of range, or one that has no effect with the others.
@@ -85,18 +102,25 @@ class CiuicAdamW(Optimizer):
         step_in_backward: bool = False,
         accumulation_steps: int = 1,
         offload: bool = False,
+        fp32_states: bool = False,
     ) -> None:
         _check_hyper(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         _check_modes(state_bits, min_quantized_numel, step_in_backward, accumulation_steps, offload)
+        _check_fp32_states(fp32_states, state_bits)
         self.state_bits = state_bits
         self.min_quantized_numel = min_quantized_numel
         self.step_in_backward = step_in_backward
         self.accumulation_steps = accumulation_steps
+        self.fp32_states = fp32_states
         self.placement = Placement(offload=offload)
         self._hooks: list[Any] = []
+        # The hooks live on the parameters: remove them when this optimizer is collected.
+        weakref.finalize(self, _remove_hooks, self._hooks)
         self._pending: list[tuple[Staged, dict[str, Any]]] = []
         self._micro_batch = 0
-        self._backward_task: int | None = None
+        self._backward: _Backward | None = None
+        self._undo = UndoLog(self.placement)
+        self._lock = threading.RLock()  # a dying backward may be unwound on an autograd thread
         self._group_index: dict[int, int] = {}
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults)
@@ -105,6 +129,13 @@ class CiuicAdamW(Optimizer):
     def offload(self) -> bool:
         """Whether states live in host memory."""
         return self.placement.offload
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        # torch.amp.GradScaler.step hands an optimizer with this flag its scale (as the
+        # ``grad_scale`` attribute) instead of unscaling the gradients, which with
+        # step_in_backward are gone: step() then refuses (see _refuse_grad_scaler).
+        return self.step_in_backward
 
     # -- torch.optim.Optimizer interface ---------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -129,8 +160,25 @@ class CiuicAdamW(Optimizer):
 
         With ``step_in_backward`` the updates already ran during backward: only the closure runs
         (which is where, with a closure, backward and so the updates happen), and gradients that
-        did not come from a backward pass (set by hand) are applied.
+        did not come from a backward pass (set by hand) are applied. If the closure or an update
+        raises, :meth:`rollback` runs before the exception propagates.
+
+        Raises:
+            ConfigError: with ``step_in_backward``, when an fp16 ``torch.amp.GradScaler`` calls
+                it (``scaler.step(optimizer)``); the backward that just ran is rolled back.
         """
+        self._recover_if_dead()
+        if self.step_in_backward and getattr(self, "grad_scale", None) is not None:
+            self._refuse_grad_scaler()
+        try:
+            loss = self._run_step(closure)
+        except BaseException:
+            self.rollback()
+            raise
+        self._undo.clear()  # this step is final
+        return loss
+
+    def _run_step(self, closure: Callable[[], Any] | None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -146,6 +194,71 @@ class CiuicAdamW(Optimizer):
                     self._stage(param, param.grad, group)
         self._drain(block=True)
         return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As ``torch.optim``'s; also makes the last step final (its undo log is dropped)."""
+        self._recover_if_dead()
+        self._undo.clear()
+        super().zero_grad(set_to_none=set_to_none)
+
+    def rollback(self) -> None:
+        """Undo the step in progress: parameters and states return bitwise to before it.
+
+        Call it from an ``except`` around a training step that failed (an out-of-memory error, a
+        bad batch), then retry the step. It restores every parameter updated inside the current
+        (or just finished, not yet ``step()``-ed) backward from the undo log, drops the
+        gradients of this optimizer's parameters and restarts gradient accumulation: with
+        ``accumulation_steps > 1`` the retry starts again at the window's first micro-batch
+        (the gradients of the parameters already stepped were freed, so the window cannot be
+        completed). Without ``step_in_backward`` parameters only change in ``step()``, so this
+        only drops the gradients (an update that fails inside ``step()`` is not undone: that
+        would need the log there too). Idempotent; runs by itself when a backward dies.
+
+        Example:
+            >>> import torch
+            >>> from ciuic.optim import CiuicAdamW
+            >>> model = torch.nn.Linear(4, 4)
+            >>> opt = CiuicAdamW(model.parameters(), lr=0.1, step_in_backward=True)
+            >>> before = model.weight.detach().clone()
+            >>> model(torch.randn(2, 4)).sum().backward()
+            >>> opt.rollback()
+            >>> torch.equal(model.weight, before), len(opt.state)
+            (True, 0)
+        """
+        with self._lock:
+            self.placement.finish()
+            self._pending.clear()
+            self._undo.restore(self.state)
+            for group in self.param_groups:
+                for param in group["params"]:
+                    param.grad = None
+            self._forget_step()
+
+    def _forget_step(self) -> None:
+        """Make what ran final and restart counting micro-batches (a loaded state replaces it)."""
+        self.placement.finish()
+        self._pending.clear()
+        self._undo.clear()
+        self._micro_batch = 0
+        self._backward = None
+
+    def _recover_if_dead(self) -> None:
+        """Roll back a backward that died without its end-of-backward callback running."""
+        backward = self._backward
+        if backward is not None and backward.dead:
+            self.rollback()
+
+    def _refuse_grad_scaler(self) -> None:
+        for name in ("grad_scale", "found_inf"):
+            self.__dict__.pop(name, None)  # GradScaler deletes them only when step() returns
+        self.rollback()
+        raise ConfigError(
+            "step_in_backward=True cannot be used with an fp16 torch.amp.GradScaler: each parameter "
+            "steps inside backward with the still-scaled gradient, before the scaler can unscale it "
+            "or skip a step with inf/NaN gradients (the backward that just ran was rolled back). "
+            "Train in bf16 without a scaler (Lightning precision='bf16-mixed', Hugging Face bf16=True) "
+            "or set step_in_backward=False (CiuicConfig(step_in_backward=False))."
+        )
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Clip the gradients of this optimizer's parameters by their global norm.
@@ -166,8 +279,17 @@ class CiuicAdamW(Optimizer):
         return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type=norm_type)
 
     def state_dict(self) -> dict[str, Any]:
-        """``torch.optim``'s state dict plus ``"state_bits"``, checked by :meth:`load_state_dict`."""
-        return {**super().state_dict(), "state_bits": self.state_bits}
+        """``torch.optim``'s state dict; each param group also records ``"state_bits"``.
+
+        The layout is ``torch.optim``'s (``state`` keyed by parameter index, ``param_groups``),
+        so ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` and
+        ``set_optimizer_state_dict`` take it; :meth:`load_state_dict` checks the recorded
+        ``state_bits``.
+        """
+        self._recover_if_dead()
+        saved = super().state_dict()
+        groups = [{**group, SAVED_SETTING: self.state_bits} for group in saved["param_groups"]]
+        return {**saved, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by ``state_dict()``, keeping quantized codes and fp32 states exact.
@@ -177,22 +299,32 @@ class CiuicAdamW(Optimizer):
         when offloading), so a restored run continues bitwise identically.
 
         Raises:
-            ConfigError: the state was saved with other ``state_bits`` or ``min_quantized_numel``.
+            ConfigError: the state was saved with other ``state_bits``, ``min_quantized_numel``
+                or ``fp32_states``.
         """
-        bits = state_dict.get("state_bits")
-        if bits != self.state_bits:
-            raise ConfigError(
-                f"the optimizer state was saved with state_bits={bits!r}, this CiuicAdamW has "
-                f"state_bits={self.state_bits}: build the optimizer with state_bits={bits!r} to load it."
-            )
+        self._check_saved_bits(state_dict)
         saved = state_dict["state"]
-        state_dict = {key: value for key, value in state_dict.items() if key != "state_bits"}
-        super().load_state_dict(state_dict)
-        ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        params = [p for group in self.param_groups for p in group["params"]]
-        for saved_id, param in zip(ids, params, strict=True):
-            if saved_id in saved:
-                self.state[param] = self._placed_state(param, saved[saved_id])
+        groups = [{k: v for k, v in g.items() if k != SAVED_SETTING} for g in state_dict["param_groups"]]
+        state_dict = {
+            k: v for k, v in state_dict.items() if k != SAVED_SETTING
+        }  # older checkpoints: top level
+        with self._lock:
+            self._forget_step()
+            super().load_state_dict({**state_dict, "param_groups": groups})
+            ids = [i for group in groups for i in group["params"]]
+            params = [p for group in self.param_groups for p in group["params"]]
+            for saved_id, param in zip(ids, params, strict=True):
+                if saved_id in saved:
+                    self.state[param] = self._placed_state(param, saved[saved_id])
+
+    def _check_saved_bits(self, state_dict: dict[str, Any]) -> None:
+        legacy = state_dict.get(SAVED_SETTING)
+        for bits in {group.get(SAVED_SETTING, legacy) for group in state_dict["param_groups"]}:
+            if bits != self.state_bits:
+                raise ConfigError(
+                    f"the optimizer state was saved with state_bits={bits!r}, this CiuicAdamW has "
+                    f"state_bits={self.state_bits}: build the optimizer with state_bits={bits!r} to load it."
+                )
 
     # -- the update ------------------------------------------------------------------------
     def _stage(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> None:
@@ -216,6 +348,8 @@ class CiuicAdamW(Optimizer):
     def _update(self, staged: Staged, group: dict[str, Any]) -> None:
         param = staged.param
         state = self.state[param]
+        if self.step_in_backward:
+            self._undo.record(param, staged.work_param, state)
         if not state:
             state.update(self._new_state(param))
         state["step"] += 1
@@ -245,7 +379,7 @@ class CiuicAdamW(Optimizer):
         fmt = self._formats(param)
         layout: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         if fmt is None:
-            return dict.fromkeys(FP32_KEYS, ((numel,), torch.float32))
+            return dict.fromkeys(MOMENTS, ((numel,), self._moment_dtype(param)))
         for name, f in zip(MOMENTS, fmt, strict=True):
             layout[f"{name}_codes"] = ((f.code_bytes(numel),), torch.uint8)
             layout[f"{name}_absmax"] = ((f.blocks(numel),), torch.float32)
@@ -258,6 +392,12 @@ class CiuicAdamW(Optimizer):
         }
         return {"step": 0, **tensors}
 
+    def _moment_dtype(self, param: torch.Tensor) -> torch.dtype:
+        """Unquantized moments follow the parameter dtype with ``state_bits=32``, as torch's do."""
+        if self.state_bits == 32 and not self.fp32_states and param.is_floating_point():
+            return param.dtype
+        return torch.float32
+
     def _formats(self, param: torch.Tensor) -> tuple[StateFormat, StateFormat] | None:
         if self.state_bits == 32 or param.numel() < self.min_quantized_numel:
             return None
@@ -269,9 +409,9 @@ class CiuicAdamW(Optimizer):
         if set(saved) != {"step", *layout} or found != layout:
             raise ConfigError(
                 f"saved optimizer state {found} for a {tuple(param.shape)} parameter does not match this "
-                f"CiuicAdamW (state_bits={self.state_bits}, min_quantized_numel={self.min_quantized_numel}), "
-                f"which keeps {layout}: load into an optimizer built with the same state_bits and "
-                f"min_quantized_numel, over the same parameters."
+                f"CiuicAdamW (state_bits={self.state_bits}, min_quantized_numel={self.min_quantized_numel}, "
+                f"fp32_states={self.fp32_states}), which keeps {layout}: load into an optimizer built with "
+                f"the same state_bits and min_quantized_numel (and fp32_states), over the same parameters."
             )
         tensors = {key: self.placement.place_state(param, saved[key]) for key in layout}
         return {"step": int(saved["step"]), **tensors}
@@ -288,25 +428,32 @@ class CiuicAdamW(Optimizer):
 
     def _start_backward(self) -> None:
         task = torch._C._current_graph_task_id()
-        if self._backward_task == task:
+        if self._backward is not None and self._backward.task == task:
             return
-        if self._backward_task is not None and self.accumulation_steps > 1:
-            raise ConfigError(
-                f"a backward pass started inside another one (reentrant activation checkpointing?) with "
-                f"accumulation_steps={self.accumulation_steps}: micro-batches cannot be counted. Use "
-                f"non-reentrant checkpointing (use_reentrant=False) or accumulation_steps=1."
-            )
-        self._backward_task = task
-        torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
+        self._recover_if_dead()
+        if self._backward is not None:  # still running: this backward runs inside it
+            if self.accumulation_steps > 1:
+                raise ConfigError(
+                    f"a backward pass started inside another one (reentrant activation checkpointing?) with "
+                    f"accumulation_steps={self.accumulation_steps}: micro-batches cannot be counted. Use "
+                    f"non-reentrant checkpointing (use_reentrant=False) or accumulation_steps=1."
+                )
+            return
+        self._undo.clear()  # the previous backward finished: its step is final
+        self._backward = _Backward(task)
+        callback = _EndOfBackward(weakref.ref(self), self._backward)
+        # The engine drops the callback uncalled when the backward dies: that is the signal.
+        weakref.finalize(callback, _callback_dropped, weakref.ref(self), self._backward)
+        torch.autograd.Variable._execution_engine.queue_callback(callback)
 
     def _end_backward(self) -> None:
-        self._backward_task = None
         self._micro_batch = (self._micro_batch + 1) % self.accumulation_steps
         if self._micro_batch == 0:
             # Parameters without a gradient in the last micro-batch but with one from an earlier
             # micro-batch of this window step now, as torch would step them.
             self._step_pending_gradients()
         self._drain(block=True)
+        self._backward = None
 
     def _step_pending_gradients(self) -> None:
         for group in self.param_groups:
@@ -335,7 +482,8 @@ def _update_chunk(
     p, g = param[start:stop].float(), grad[start:stop].float()
     if bits == 32:
         m, v = state["exp_avg"][start:stop], state["exp_avg_sq"][start:stop]
-        new_p, new_m, new_v = adamw_math(p, g, m, v, **hyper)
+        # fp32 math, rounded once into the moments' dtype (a no-op cast for fp32 moments)
+        new_p, new_m, new_v = adamw_math(p, g, m.float(), v.float(), **hyper)
         m.copy_(new_m)
         v.copy_(new_v)
     else:
@@ -394,6 +542,16 @@ def _check_hyper(*, lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:
         raise ConfigError(f"weight_decay={weight_decay!r} is invalid: give a finite float >= 0.")
 
 
+def _check_fp32_states(fp32_states: Any, state_bits: int) -> None:
+    if not isinstance(fp32_states, bool):
+        raise ConfigError(f"fp32_states={fp32_states!r} is invalid: give True or False.")
+    if fp32_states and state_bits != 32:
+        raise ConfigError(
+            f"fp32_states=True has no effect with state_bits={state_bits} (moments are quantized, "
+            f"small tensors' are fp32 already): set state_bits=32 or leave fp32_states=False."
+        )
+
+
 def _check_modes(
     state_bits: Any, min_quantized_numel: Any, step_in_backward: Any, accumulation_steps: Any, offload: Any
 ) -> None:
@@ -432,6 +590,48 @@ def _grad_hook(optimizer: CiuicAdamW) -> Callable[[torch.Tensor], None]:
             opt._on_grad(param)
 
     return hook
+
+
+class _Backward:
+    """One backward pass this optimizer steps in; ``dead`` once it ended without finishing."""
+
+    __slots__ = ("dropped", "finished", "task")
+
+    def __init__(self, task: int) -> None:
+        self.task = task
+        self.finished = False
+        self.dropped = False
+
+    @property
+    def dead(self) -> bool:
+        return self.dropped and not self.finished
+
+
+class _EndOfBackward:
+    """Queued on the engine at a backward's first hook; called when that backward completes."""
+
+    def __init__(self, optimizer: weakref.ref[CiuicAdamW], backward: _Backward) -> None:
+        self.optimizer = optimizer
+        self.backward = backward
+
+    def __call__(self) -> None:
+        opt = self.optimizer()
+        if opt is not None and opt._backward is self.backward:
+            opt._end_backward()
+        self.backward.finished = True
+
+
+def _callback_dropped(optimizer: weakref.ref[CiuicAdamW], backward: _Backward) -> None:
+    backward.dropped = True
+    opt = optimizer()
+    if opt is not None and opt._backward is backward and backward.dead:
+        opt.rollback()  # the backward died: undo its updates as the exception unwinds
+
+
+def _remove_hooks(handles: list[Any]) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()
 
 
 def _tag_gradient(grad: torch.Tensor) -> None:

@@ -6,8 +6,10 @@ PEFT) in place, so a LoRA job becomes a QLoRA job without changing how the model
 bitsandbytes LoRA layers), DeepSeek's fused routed experts become
 :class:`QuantizedExperts` (block-wise storage, dequantized one expert at a time), and
 ``remove_`` dequantizes everything back to dense layers. ``weights=`` also takes a mapping of
-:class:`WeightOptions` fields: double quantization, an int8 ``lm_head``, modules to freeze and
-magnitude pruning (``weights={"format": "nf4", "prune": "2:4"}``).
+:class:`WeightOptions` fields: double quantization, modules to freeze, magnitude pruning, and
+block-wise 8-bit/NF4 storage of a frozen ``lm_head`` and input embeddings
+(``weights={"format": "nf4", "head": "int8", "embeddings": "int8"}``).
+:func:`dense_state_dict` exports the dequantized weights under the plain model's names.
 
 Example:
     >>> import torch, ciuic
@@ -29,21 +31,26 @@ from ciuic.config import CiuicConfig, FieldSpec, register_field
 from ciuic.registry import Applied, Technique, register_technique
 
 from .experts import QuantizedExperts, fused_experts_layout_problem
+from .export import dense_state_dict
 from .functional import Codec, frozen_linear, snr_db, storage_bytes
 from .linear import dequantize_linear, quantize_linear
 from .model import dense_weights
 from .model import quantize_ as convert_weights
 from .options import FORMATS, WeightOptions
 from .prune import PrunedLinear, magnitude_mask
+from .tables import QuantizedEmbedding, QuantizedHead
 
 __all__ = [
     "FIELD",
     "FORMATS",
     "Codec",
     "PrunedLinear",
+    "QuantizedEmbedding",
     "QuantizedExperts",
+    "QuantizedHead",
     "WeightOptions",
     "convert_weights",
+    "dense_state_dict",
     "dense_weights",
     "dequantize_linear",
     "frozen_linear",

@@ -10,6 +10,7 @@ experts the router picked, one at a time, so at most one expert's dense weight i
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -119,7 +120,7 @@ class QuantizedExperts(nn.Module):
         return torch.stack([self.expert_weight(name, e) for e in range(self.num_experts)])
 
     def _weight_fn(self, name: str, expert: int) -> Callable[[], torch.Tensor]:
-        return lambda: self.expert_weight(name, expert)
+        return functools.partial(self.expert_weight, name, expert)
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor

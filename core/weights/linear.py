@@ -49,6 +49,7 @@ def quantize_linear(linear: nn.Linear, format: str, *, double_quant: bool = Fals
         int8 = bnbm.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
         q.weight = int8._quantize(weight.device)
         q.register_load_state_dict_pre_hook(_restore_int8_scales)
+        q.__dict__["ciuic_dtype"] = weight.dtype  # LLM.int8 keeps no record of it: dense_state_dict reads it
     elif format in ("nf4", "fp4"):
         q = bnbm.Linear4bit(
             linear.in_features,

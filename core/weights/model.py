@@ -3,10 +3,29 @@
 What is converted: every frozen ``nn.Linear`` (PEFT's ``base_layer`` included) to a bitsandbytes
 layer, every fused-experts module to :class:`~ciuic.weights.experts.QuantizedExperts`, and,
 with ``prune``, linears to :class:`~ciuic.weights.prune.PrunedLinear`. What is not: trainable
-modules (LoRA adapters, ``modules_to_save`` copies), router gates, ``lm_head`` and
-embeddings (``quantize_head`` puts ``lm_head`` in int8), names in ``skip``, and models that
-transformers already loaded with a ``BitsAndBytesConfig``. Each of those is listed in
-``Applied.skipped`` with the reason.
+modules (LoRA adapters, ``modules_to_save`` copies), router gates, ``lm_head`` and the input
+embeddings unless ``head``/``embeddings`` name a format (then they become
+:class:`~ciuic.weights.tables.QuantizedHead`/:class:`~ciuic.weights.tables.QuantizedEmbedding`),
+names in ``skip``, and models that transformers already loaded with a ``BitsAndBytesConfig``.
+Each of those is listed in ``Applied.skipped`` with the reason.
+
+Saving and resuming. A converted model's ``state_dict`` holds the stored form (bitsandbytes'
+keys and shapes for linears, codes and scales for experts, head and embeddings). Two orders
+are supported:
+
+(a) resume: build the model again (any initial weights), convert it with the same options
+    (``quantize_`` or ``ciuic.apply_``; wrap it with PEFT before or after, as before), then
+    ``load_state_dict`` the saved state dict: every tensor and the next forward and backward
+    are bitwise those of the saved model (pruned layers take the kept count of the saved
+    mask, so a fresh model's own pruning pattern does not matter);
+(b) export: :func:`dense_state_dict` gives the dequantized weights under the original module
+    names, which the plain (unconverted, un-wrapped) model loads with ``strict=True``. For a
+    PEFT model's adapters alone use PEFT's ``get_peft_model_state_dict(model)``: it loads into
+    ``get_peft_model`` of the dense model with ``set_peft_model_state_dict``.
+
+A converted model (and the ``Applied.undo`` returned with it) survives ``copy.deepcopy``,
+``pickle`` and ``torch.save``/``torch.load(weights_only=False)``; copying the model together
+with its undo (as one object graph) gives an undo that dequantizes the copy.
 
 The replaced module objects are kept for ``undo`` with their weights swapped for ``meta``
 placeholders (so the dense memory is really freed); ``undo`` dequantizes into them and puts
@@ -16,7 +35,6 @@ them back, so after ``remove_`` the model holds its original module objects agai
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,10 +56,12 @@ from .linear import (
 )
 from .options import WeightOptions
 from .prune import PrunedLinear, magnitude_mask, packed_bytes
+from .tables import QuantizedEmbedding, QuantizedHead, embedding_layout_problem, table_layout_problem
 
 ROUTER_NAMES = ("gate", "router")
 """Last name components of router linears (Qwen-MoE/Mixtral ``mlp.gate``): never quantized."""
 _FLAGS = ("is_loaded_in_4bit", "is_loaded_in_8bit")
+_STORED = (QuantizedExperts, PrunedLinear, QuantizedEmbedding, QuantizedHead)
 _MARK = "_ciuic_weights"
 
 
@@ -60,6 +80,7 @@ class _Conversion:
     elements: int
     note: str = ""
     wrapper_class: type | None = None
+    tied: _Conversion | None = None  # the embedding conversion a tied head shares codes with
 
     def undo(self, model: nn.Module) -> None:
         for param in self.params:
@@ -89,9 +110,33 @@ class _Conversion:
 
 
 @dataclass
+class _Undo:
+    """``Applied.undo`` of :func:`quantize_`: a picklable callable (no closure), so it survives
+    ``deepcopy``/``pickle``/``torch.save`` together with the model it refers to."""
+
+    model: nn.Module
+    conversions: list[_Conversion]
+    flags: list[tuple[nn.Module, dict[str, Any]]]
+    frozen: list[str]
+    ties: list[tuple[nn.Module, nn.Module]]  # (original head, original embedding)
+
+    def __call__(self) -> None:
+        for conversion in reversed(self.conversions):
+            conversion.undo(self.model)
+        for head, embedding in self.ties:
+            head.weight = embedding.weight  # the tie that two separate dequantizations broke
+        _restore_flags(self.flags)
+        for name in self.frozen:
+            self.model.get_parameter(name).requires_grad_(True)
+        self.conversions, self.flags, self.frozen, self.ties = [], [], [], []
+
+
+@dataclass
 class _Plan:
     linears: list[tuple[str, nn.Linear]] = field(default_factory=list)
     experts: list[tuple[str, nn.Module]] = field(default_factory=list)
+    tables: list[tuple[str, nn.Module, str]] = field(default_factory=list)  # embeddings first
+    tied: bool = False  # lm_head shares the input embeddings' weight
     skipped: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     trainable: int = 0
     frozen_elements: int = 0
@@ -131,27 +176,21 @@ def quantize_(model: nn.Module, options: WeightOptions) -> Applied:
     if quantized_by is not None:
         reason = f"already quantized by transformers ({quantized_by}): left as loaded"
         return Applied("weights", skipped=[("model", reason)], details={"format": options.format})
-    unfreeze = _freeze(model, options.freeze)
+    frozen = _freeze(model, options.freeze)
     try:
         plan = _plan(model, options)
         _check_plan(model, options, plan)
         conversions = _convert(model, plan, options)
     except BaseException:
-        unfreeze()
+        _unfreeze(model, frozen)
         raise
-    restore_flags = _set_flags(model, options)
-
-    def undo() -> None:
-        for conversion in reversed(conversions):
-            conversion.undo(model)
-        restore_flags()
-        unfreeze()
-
+    flags = _set_flags(model, options)
+    ties = [(c.original, c.tied.original) for c in conversions if c.tied is not None]
     return Applied(
         "weights",
         changed=[c.name for c in conversions],
         skipped=[(_summarize(names), reason) for reason, names in plan.skipped.items()],
-        undo=undo,
+        undo=_Undo(model, conversions, flags, frozen, ties),
         details=_details(options, plan, conversions),
     )
 
@@ -160,11 +199,14 @@ def quantize_(model: nn.Module, options: WeightOptions) -> Applied:
 def _plan(model: nn.Module, options: WeightOptions) -> _Plan:
     plan = _Plan()
     head = _output_embeddings(model)
+    embeddings = _input_embeddings(model)
+    tied = head is not None and embeddings is not None and _tied(head, embeddings)
+    plan.tied = tied
     done: list[str] = []  # subtrees already handled (converted layers, experts)
     for name, module in model.named_modules():
         if any(name.startswith(prefix + ".") for prefix in done):
             continue
-        if is_bnb_linear(module) or isinstance(module, (QuantizedExperts, PrunedLinear)):
+        if is_bnb_linear(module) or isinstance(module, _STORED):
             plan.skipped["already stored by bitsandbytes/ciuic: left as is"].append(name)
             done.append(name)
             continue
@@ -182,9 +224,53 @@ def _plan(model: nn.Module, options: WeightOptions) -> _Plan:
         if fused_experts_layout_problem(module) is None:
             done.append(name)
             _plan_experts(plan, name, module, options)
+        elif embeddings is not None and module is embeddings:
+            _plan_table(plan, name, module, options, "embeddings", tied=tied)
+        elif isinstance(module, nn.Linear) and (module is head or _has_part(name, "lm_head")):
+            _plan_table(plan, name, module, options, "head", tied=tied and module is head)
         elif isinstance(module, nn.Linear):
-            _plan_linear(plan, name, module, options, is_head=module is head or _has_part(name, "lm_head"))
+            _plan_linear(plan, name, module, options)
+    plan.tables.sort(key=lambda table: table[2] != "embeddings")  # a tied head shares its codes
     return plan
+
+
+def _plan_table(
+    plan: _Plan, name: str, module: nn.Module, options: WeightOptions, kind: str, *, tied: bool
+) -> None:
+    fmt: str = getattr(options, kind)
+    weight: Any = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        plan.skipped[f"{kind}: no weight tensor (wrapped by PEFT?): left as is"].append(name)
+        return
+    reason = _common_skip_reason(name, [weight], options)
+    if reason is None and fmt == "none":
+        reason = f"{_NAMES[kind]} stay dense by default (WeightOptions({kind}='int8' or 'nf4') stores them)"
+    if reason is None and _has_part(name, "base_layer"):
+        reason = f"{_NAMES[kind]}: adapted by PEFT (LoRA on it), left dense"
+    if reason is None and options.prune is not None and kind == "head":
+        reason = "lm_head is not pruned"
+    if reason is None:
+        problem = embedding_layout_problem(module) if kind == "embeddings" else None
+        reason = problem or table_layout_problem(weight, fmt)
+    if reason is None and tied and options.head != options.embeddings:
+        if "none" not in (options.head, options.embeddings):
+            raise ApplyError(
+                f"lm_head is tied to the input embeddings (tie_word_embeddings), so one table serves "
+                f"both: head={options.head!r} and embeddings={options.embeddings!r} contradict. "
+                f"Allowed: the same format for both."
+            )
+        reason = (
+            f"{_NAMES[kind]}: tied to the {'input embeddings' if kind == 'head' else 'lm_head'} "
+            f"(tie_word_embeddings), which stay dense: set head and embeddings to the same format "
+            f"to store the shared table once"
+        )
+    if not weight.requires_grad and (kind == "head" or fmt != "none"):
+        plan.frozen_elements += weight.numel()
+    if reason is None:
+        plan.tables.append((name, module, kind))
+    else:
+        plan.trainable += "trainable" in reason
+        plan.skipped[reason].append(name)
 
 
 def _plan_experts(plan: _Plan, name: str, module: nn.Module, options: WeightOptions) -> None:
@@ -192,6 +278,8 @@ def _plan_experts(plan: _Plan, name: str, module: nn.Module, options: WeightOpti
     reason = _common_skip_reason(name, params, options)
     if reason is None and options.quantized:
         reason = QuantizedExperts.layout_problem(module, options.format)
+    elif reason is None and options.prune is None:
+        reason = "format='none': fused experts stay dense"
     elif reason is None:
         reason = "fused experts are not pruned (only nn.Linear layers are)"
     if not any(p.requires_grad for p in params):
@@ -203,15 +291,12 @@ def _plan_experts(plan: _Plan, name: str, module: nn.Module, options: WeightOpti
         plan.trainable += "trainable" in reason
 
 
-def _plan_linear(plan: _Plan, name: str, module: nn.Linear, options: WeightOptions, *, is_head: bool) -> None:
+def _plan_linear(plan: _Plan, name: str, module: nn.Linear, options: WeightOptions) -> None:
     reason = _common_skip_reason(name, [module.weight], options)
     if reason is None and name.rsplit(".", 1)[-1] in ROUTER_NAMES:
         reason = "router gate: expert routing is too sensitive to quantization noise"
-    if reason is None and is_head:
-        if not options.quantize_head:
-            reason = "lm_head stays dense by default (WeightOptions(quantize_head=True) stores it in int8)"
-        elif options.prune is not None:
-            reason = "lm_head is not pruned"
+    if reason is None and not options.quantized and options.prune is None:
+        reason = "format='none': linears stay dense (only the head/embeddings are converted)"
     if not module.weight.requires_grad:
         plan.frozen_elements += module.weight.numel()
     if reason is None:
@@ -236,7 +321,7 @@ def _common_skip_reason(name: str, params: list[torch.Tensor], options: WeightOp
 
 
 def _check_plan(model: nn.Module, options: WeightOptions, plan: _Plan) -> None:
-    if plan.linears or plan.experts:
+    if plan.linears or plan.experts or plan.tables:
         return
     if plan.trainable:
         raise ApplyError(
@@ -261,6 +346,11 @@ def _convert(model: nn.Module, plan: _Plan, options: WeightOptions) -> list[_Con
             done.append(_convert_linear(model, name, linear, options))
         for name, experts in plan.experts:
             done.append(_convert_experts(model, name, experts, options))
+        embeddings = None
+        for name, module, kind in plan.tables:
+            tied = embeddings if plan.tied and kind == "head" else None
+            done.append(_convert_table(model, name, module, kind, options, tied))
+            embeddings = done[-1] if kind == "embeddings" else embeddings
     except BaseException:
         for conversion in reversed(done):
             conversion.undo(model)
@@ -269,7 +359,7 @@ def _convert(model: nn.Module, plan: _Plan, options: WeightOptions) -> list[_Con
 
 
 def _convert_linear(model: nn.Module, name: str, linear: nn.Linear, options: WeightOptions) -> _Conversion:
-    fmt = "int8" if _has_part(name, "lm_head") else options.format
+    fmt = options.format
     weight = linear.weight
     note = ""
     source: nn.Linear | PrunedLinear = linear
@@ -315,6 +405,37 @@ def _convert_experts(model: nn.Module, name: str, experts: nn.Module, options: W
     return _install(model, name, experts, new, EXPERT_PARAMS, weights, stored)
 
 
+def _convert_table(
+    model: nn.Module,
+    name: str,
+    module: nn.Module,
+    kind: str,
+    options: WeightOptions,
+    tied: _Conversion | None,
+) -> _Conversion:
+    """Convert the input embeddings or the head; a head ``tied`` to the converted embeddings
+    shares their codes (and adds no stored bytes)."""
+    fmt = getattr(options, kind)
+    weight: torch.Tensor = module.weight  # type: ignore[assignment]
+    new: QuantizedEmbedding | QuantizedHead
+    if kind == "embeddings":
+        new = QuantizedEmbedding(module, fmt)  # type: ignore[arg-type]  # checked by the plan
+    else:
+        shared = tied.new if tied is not None and isinstance(tied.new, QuantizedEmbedding) else None
+        new = QuantizedHead(module, fmt, shared=shared)  # type: ignore[arg-type]
+    new.train(module.training)
+    stored = 0 if tied is not None else new.storage_bytes()
+    conversion = _install(model, name, module, new, ("weight",), (weight,), stored)
+    conversion.tied = tied
+    return conversion
+
+
+def _tied(head: nn.Module, embedding: nn.Module) -> bool:
+    """Whether ``head`` and ``embedding`` share one weight tensor (``tie_word_embeddings``)."""
+    weight = getattr(head, "weight", None)
+    return isinstance(weight, torch.Tensor) and weight is getattr(embedding, "weight", None)
+
+
 def _install(
     model: nn.Module,
     name: str,
@@ -352,6 +473,8 @@ def _install(
 def _dense_of(module: nn.Module, param: str) -> torch.Tensor:
     if isinstance(module, QuantizedExperts):
         return module.dense(param)
+    if isinstance(module, (QuantizedEmbedding, QuantizedHead)):
+        return module.dense_weight()
     if isinstance(module, PrunedLinear):
         return module.dense_weight()
     if is_bnb_linear(module):
@@ -374,21 +497,21 @@ def dense_weights(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # -- model-level state -----------------------------------------------------------------------
-def _freeze(model: nn.Module, prefixes: tuple[str, ...]) -> Callable[[], None]:
+def _freeze(model: nn.Module, prefixes: tuple[str, ...]) -> list[str]:
     frozen: list[str] = []  # names: undo puts new (dequantized) parameters at the same names
     for name, param in model.named_parameters():
         if param.requires_grad and any(name.startswith(p + ".") for p in prefixes):
             param.requires_grad_(False)
             frozen.append(name)
-
-    def unfreeze() -> None:
-        for name in frozen:
-            model.get_parameter(name).requires_grad_(True)
-
-    return unfreeze
+    return frozen
 
 
-def _set_flags(model: nn.Module, options: WeightOptions) -> Callable[[], None]:
+def _unfreeze(model: nn.Module, frozen: list[str]) -> None:
+    for name in frozen:
+        model.get_parameter(name).requires_grad_(True)
+
+
+def _set_flags(model: nn.Module, options: WeightOptions) -> list[tuple[nn.Module, dict[str, Any]]]:
     """Set the attributes PEFT reads to pick its bitsandbytes LoRA layers, on the model and on
     every transformers model inside it (a PEFT wrapper's inner model)."""
     flag = {"int8": _FLAGS[1], "nf4": _FLAGS[0], "fp4": _FLAGS[0]}.get(options.format)
@@ -398,14 +521,14 @@ def _set_flags(model: nn.Module, options: WeightOptions) -> Callable[[], None]:
         module.__dict__[_MARK] = True
         if flag is not None:
             module.__dict__[flag] = True
+    return saved
 
-    def restore() -> None:
-        for module, previous in saved:
-            for key in (*_FLAGS, _MARK):
-                module.__dict__.pop(key, None)
-            module.__dict__.update(previous)
 
-    return restore
+def _restore_flags(saved: list[tuple[nn.Module, dict[str, Any]]]) -> None:
+    for module, previous in saved:
+        for key in (*_FLAGS, _MARK):
+            module.__dict__.pop(key, None)
+        module.__dict__.update(previous)
 
 
 def _bnb_loaded(model: nn.Module) -> str | None:
@@ -430,6 +553,18 @@ def _output_embeddings(model: nn.Module) -> nn.Module | None:
     except (AttributeError, NotImplementedError):
         return None
     return head if isinstance(head, nn.Module) else None
+
+
+def _input_embeddings(model: nn.Module) -> nn.Module | None:
+    getter = getattr(model, "get_input_embeddings", None)
+    try:
+        table = getter() if callable(getter) else None
+    except (AttributeError, NotImplementedError):
+        return None
+    return table if isinstance(table, nn.Module) else None
+
+
+_NAMES = {"head": "lm_head", "embeddings": "input embeddings"}
 
 
 def _has_part(name: str, part: str) -> bool:
@@ -471,6 +606,8 @@ def _details(options: WeightOptions, plan: _Plan, conversions: list[_Conversion]
         "bf16_bytes": 2 * elements,
         "stored_bytes": stored,
         "ratio_vs_bf16": round(stored / (2 * elements), 4) if elements else 0.0,
+        "head": options.head,
+        "embeddings": options.embeddings,
     }
     if options.double_quant and any(isinstance(c.new, QuantizedExperts) for c in conversions):
         details["double_quant"] = "nn.Linear layers only: fused experts keep fp32 block scales"

@@ -17,6 +17,9 @@ from ciuic.options import TechniqueOptions
 FORMATS = ("none", "int8", "nf4", "fp4")
 """Storage formats: ``'none'`` (dense, e.g. for pruning alone), LLM.int8, and the two 4-bit ones."""
 
+TABLE_FORMATS = ("none", "int8", "nf4")
+"""Storage formats of ``head`` and ``embeddings``: dense, block-wise 8-bit, block-wise NF4."""
+
 PRUNE_PATTERN = re.compile(r"^(\d+):(\d+)$")
 
 
@@ -29,9 +32,16 @@ class WeightOptions(TechniqueOptions):
             block-wise 8-bit for fused experts) or ``'none'`` (keep dense; only with ``prune``).
         double_quant: Quantize the 4-bit block scales again (QLoRA's double quantization),
             for ``nn.Linear`` layers; saves about 0.37 bit per weight.
-        quantize_head: Also convert ``lm_head`` to LLM.int8 (embeddings stay dense: a lookup
-            table gains nothing from bitsandbytes' int8 matmul). Off by default: the head
-            sees every token's logits and is the layer most sensitive to quantization noise.
+        quantize_head: Deprecated alias of ``head='int8'`` (kept so existing calls work;
+            ``True`` with another ``head`` is refused).
+        head: Storage of a frozen ``lm_head``: ``'none'`` (dense, the default: the head sees
+            every token's logits and is the layer most sensitive to quantization noise),
+            ``'int8'`` (block-wise 8-bit, 8.125 bits per weight) or ``'nf4'`` (4.5 bits). See
+            :class:`ciuic.weights.tables.QuantizedHead`.
+        embeddings: Storage of the frozen input embeddings, same values as ``head``; a lookup
+            dequantizes only the looked-up rows. A head tied to the embeddings
+            (``tie_word_embeddings``) is converted only when both are set to the same format,
+            and then shares one stored table.
         freeze: Module-name prefixes whose parameters are frozen (``requires_grad=False``)
             before converting, which is what lets a full-fine-tuning model be quantized.
         skip: Module-name prefixes left dense in any case.
@@ -55,6 +65,8 @@ class WeightOptions(TechniqueOptions):
     format: str = "nf4"
     double_quant: bool = False
     quantize_head: bool = False
+    head: str = "none"
+    embeddings: str = "none"
     freeze: tuple[str, ...] = ()
     skip: tuple[str, ...] = ()
     prune: str | float | None = None
@@ -74,7 +86,21 @@ class WeightOptions(TechniqueOptions):
                     f"e.g. ('model.layers',)."
                 )
             object.__setattr__(self, name, tuple(value))
+        self._check_tables()
         self._check_prune()
+
+    def _check_tables(self) -> None:
+        allowed = ", ".join(map(repr, TABLE_FORMATS))
+        for name in ("head", "embeddings"):
+            if getattr(self, name) not in TABLE_FORMATS:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not allowed. Allowed: {allowed}.")
+        if self.quantize_head and self.head == "none":
+            object.__setattr__(self, "head", "int8")
+        elif self.quantize_head and self.head != "int8":
+            raise ConfigError(
+                f"quantize_head=True (an alias of head='int8') contradicts head={self.head!r}. "
+                f"Allowed: head={self.head!r} alone (quantize_head is deprecated)."
+            )
 
     def _check_prune(self) -> None:
         prune = self.prune
@@ -94,7 +120,7 @@ class WeightOptions(TechniqueOptions):
     @property
     def enabled(self) -> bool:
         """Whether anything is converted (a format, or pruning alone)."""
-        return self.format != "none" or self.prune is not None
+        return self.format != "none" or self.prune is not None or self.head != "none" or self.embeddings != "none"
 
     @property
     def quantized(self) -> bool:

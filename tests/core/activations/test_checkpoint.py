@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -141,3 +143,15 @@ def test_blocks_are_the_outer_list_not_the_experts_inside() -> None:
     assert find_blocks(model) == tuple(model.layers)
     hf = lora(deepseek_v3())
     assert [type(b).__name__ for b in find_blocks(hf)] == ["DeepseekV3DecoderLayer"] * 2
+
+
+def test_checkpointed_plain_blocks_survive_deepcopy() -> None:
+    x = torch.randn(128, 64, requires_grad=True)
+    exact_grads, _ = _step(Stack(), x)
+    model = Stack()
+    ciuic.apply_(model, CiuicConfig(checkpointing=2))
+    clone = copy.deepcopy(model)
+    assert all(b.forward.module is b for b in (clone.blocks[0], clone.blocks[2]))  # the copy's own
+    grads, _ = _step(clone, x)
+    assert all(torch.equal(a, b) for a, b in zip(grads, exact_grads, strict=True))
+    ciuic.remove_(model)

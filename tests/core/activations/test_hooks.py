@@ -10,6 +10,7 @@ import ciuic
 from ciuic import CiuicConfig, MemoryMeter
 from ciuic.activations import ActivationOptions, CodecRule, SavedTensorHooks, apply_activations
 from ciuic.errors import ConfigError, TechniqueUnavailableError
+from tests.models import progressions, qwen2
 
 
 class Attention(nn.Module):
@@ -65,9 +66,9 @@ def test_what_is_packed_and_what_is_left_alone() -> None:
 
 def test_unpacking_twice_and_lossless_offload() -> None:
     x = torch.randn(2, 128, 64, requires_grad=True)
-    exact = _grads(_hooked("none")[0], x)
-    reference = Attention()
+    reference = Attention()  # no hooks at all: the independent exact gradients
     reference.load_state_dict(_hooked("none")[0].state_dict())
+    exact = _grads(reference, x)
     model, hooks = _hooked("none", offload=True)
     got = _grads(model, x, retain=True)
     assert all(torch.equal(a, b) for a, b in zip(got, exact, strict=True))
@@ -200,3 +201,19 @@ def test_many_steps_do_not_accumulate_state() -> None:
     assert len(hooks._entries) == 0  # every packed entry was freed with its graph
     model(torch.randn(64, 64))  # the next forward forgets the freed segments
     assert sum(len(refs) for refs in hooks._segments.values()) == 3
+
+
+def test_loss_temporaries_with_a_codec_are_no_higher_than_without() -> None:
+    # issue #10, 9c: encoding the loss's saved logits took float32 scratch of the logits' size
+    peaks = {}
+    for codec in ("none", "int8"):
+        model = qwen2(vocab_size=4096, hidden_size=32)  # the loss is most of the step
+        record = ciuic.apply_(model, CiuicConfig(activations=codec)).applied if codec != "none" else None
+        ids = progressions(batch_size=2, seq_len=64, vocab_size=4096)
+        with MemoryMeter(device="cpu", track=(model,)) as meter:
+            model(input_ids=ids, labels=ids).loss.backward()
+        peaks[codec] = (meter.peak_bytes, meter.peak_by_category["temporary"])
+        if record is not None:
+            assert record[0].details["stats"].by_codec.get("int8", 0) > 0  # the blocks are packed
+    assert peaks["int8"][1] <= peaks["none"][1]
+    assert peaks["int8"][0] <= peaks["none"][0]

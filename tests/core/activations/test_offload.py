@@ -58,14 +58,16 @@ def test_cuda_offload_is_lossless_and_leaves_little_on_the_device() -> None:
 def test_cuda_host_copies_are_pinned_and_async() -> None:
     offloader = Offloader(torch.device("cuda"))
     x = torch.randn(1024, 1024, device="cuda")
+    reference = x.cpu()  # an independent copy, made before any offload
     stored = offloader.store((x,))
     assert all(h.is_pinned() for h in stored.host) and stored.ready is not None
     del x  # the allocator must not reuse the memory before the copy has read it
-    torch.randn(1024, 1024, device="cuda")
+    torch.full((1024, 1024), float("nan"), device="cuda")  # what a reuse would write there
     offloader.prefetch(stored)
     back = offloader.fetch(stored)[0]
     torch.cuda.synchronize()
-    assert back.device.type == "cuda" and torch.equal(back.cpu(), stored.host[0])
+    assert back.device.type == "cuda"
+    assert torch.equal(stored.host[0], reference) and torch.equal(back.cpu(), reference)
 
 
 @requires_cuda
@@ -85,3 +87,26 @@ def test_model_without_blocks_offloads_too() -> None:
     assert meter.peak_by_category["activations"] == 0 and meter.peak_offloaded_bytes > 0
     ciuic.remove_(model)
     assert stats.offloaded == 3  # the inputs of both linear layers and of GELU
+
+
+def _held_after_forward(config: CiuicConfig | None, grad: bool = True) -> int:
+    """Device bytes live once the forward is done (its graph alive), tracked from the start."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 1))
+    if config is not None:
+        ciuic.apply_(model, config)
+    x = torch.randn(512, 256)
+    with MemoryMeter(device="cpu", track=(model,)) as meter, torch.set_grad_enabled(grad):
+        y = model(x)
+        held = meter.current_bytes
+    del y
+    return held
+
+
+def test_compressed_and_offloaded_leaves_no_codes_on_the_device() -> None:
+    # issue #10, 9a: the packed entry kept the Encoded object (device codes) beside the host copy
+    nothing_saved = _held_after_forward(None, grad=False)  # parameters and the output
+    compressed = _held_after_forward(CiuicConfig(activations="int8"))
+    assert compressed - nothing_saved >= 3 * 512 * 256  # the codes of three saved inputs, at least
+    # on CPU the codes and their scales both go to host memory: nothing packed stays behind
+    assert _held_after_forward(CiuicConfig(activations="int8", offload={"activations"})) == nothing_saved

@@ -1,18 +1,23 @@
-"""``loss='chunked'`` on Hugging Face causal LMs: same losses, no logits, reversible."""
+"""``loss='chunked'`` on Hugging Face causal LMs: same losses, no training logits, reversible."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import inspect
+import io
+import pickle
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import ciuic
 from ciuic.errors import ApplyError
-from ciuic.loss import apply_chunked_loss
+from ciuic.loss import apply_chunked_loss, chunk_rows
 from tests.models import deepseek_v3, lora, progressions, qwen2
 
 CHUNKED = ciuic.CiuicConfig(loss="chunked")
@@ -125,13 +130,143 @@ def test_remove_restores_the_model() -> None:
     assert torch.equal(out.logits, ref.logits) and torch.equal(out.loss, ref.loss)
 
 
-def test_deepcopy_of_a_patched_model_patches_the_copy() -> None:
-    model = qwen2()
-    apply_chunked_loss(model)
-    clone = copy.deepcopy(model)
+def _pickled(model: nn.Module) -> nn.Module:
+    copied: nn.Module = pickle.loads(pickle.dumps(model))
+    return copied
+
+
+def _torch_saved(model: nn.Module) -> nn.Module:
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    copied: nn.Module = torch.load(buffer, weights_only=False)
+    return copied
+
+
+COPIES: dict[str, Callable[[nn.Module], nn.Module]] = {
+    "deepcopy": copy.deepcopy,
+    "pickle": _pickled,
+    "torch_save": _torch_saved,
+}
+
+
+@pytest.mark.parametrize("duplicate", COPIES.values(), ids=list(COPIES))
+def test_a_copy_of_a_patched_model_trains_bitwise_like_the_original(
+    duplicate: Callable[[nn.Module], nn.Module],
+) -> None:
+    model = lora(deepseek_v3())
+    apply_chunked_loss(model, chunk_bytes=SMALL_CHUNKS)
+    clone = duplicate(model)
+    inner = clone.base_model.model
+    assert inner.forward.module is inner  # the copy's patch drives the copy, not the original
     ids = _batch()
-    assert clone(input_ids=ids, labels=ids).logits is None
-    assert clone.forward.__self__ is clone
+    out, copied = model(input_ids=ids, labels=ids), clone(input_ids=ids, labels=ids)
+    assert copied.logits is None and torch.equal(copied.loss, out.loss)
+    out.loss.backward()
+    copied.loss.backward()
+    pairs = zip(model.named_parameters(), clone.parameters(), strict=True)
+    grads = [(name, p.grad, q.grad) for (name, p), q in pairs if p.grad is not None]
+    assert grads and [name for name, g, h in grads if not torch.equal(g, h)] == []
+
+
+@pytest.mark.parametrize("duplicate", COPIES.values(), ids=list(COPIES))
+def test_the_undo_of_a_copied_handle_restores_the_copy(duplicate: Callable[[Any], Any]) -> None:
+    model = qwen2()
+    applied = apply_chunked_loss(model)
+    holder = nn.Module()  # torch.save and pickle take the pair in one graph, as a checkpoint would
+    holder.model, holder.applied = model, applied
+    copied = duplicate(holder)
+    copied.applied.undo()
+    assert "forward" not in copied.model.__dict__ and "forward" in model.__dict__
+    ids = _batch()
+    assert copied.model(input_ids=ids, labels=ids).logits is not None
+    assert model(input_ids=ids, labels=ids).logits is None
+
+
+def test_the_patched_forward_keeps_the_models_signature() -> None:
+    """transformers.Trainer keeps only the dataset columns model.forward names."""
+    model, reference = qwen2(), qwen2()
+    apply_chunked_loss(model)
+    assert inspect.signature(model.forward) == inspect.signature(reference.forward)
+    assert "input_ids" in inspect.signature(lora(model).get_base_model().forward).parameters
+
+
+@pytest.mark.parametrize("mode", ["eval", "no_grad"])
+def test_evaluation_takes_the_models_own_path(mode: str) -> None:
+    model, reference = qwen2(), qwen2()
+    apply_chunked_loss(model, chunk_bytes=SMALL_CHUNKS)
+    if mode == "eval":
+        model.eval(), reference.eval()
+    ids = _batch()
+    with torch.no_grad() if mode == "no_grad" else contextlib.nullcontext():
+        out, ref = model(input_ids=ids, labels=ids), reference(input_ids=ids, labels=ids)
+    assert torch.equal(out.logits, ref.logits) and torch.equal(out.loss, ref.loss)
+
+
+def test_training_logits_are_the_models_own_and_detached() -> None:
+    model, reference = deepseek_v3(), deepseek_v3()
+    applied = apply_chunked_loss(model, chunk_bytes=SMALL_CHUNKS, training_logits=True)
+    assert applied.details["training_logits"] is True
+    ids = _batch()
+    out, ref = model(input_ids=ids, labels=ids), reference(input_ids=ids, labels=ids)
+    assert torch.equal(out.logits, ref.logits) and not out.logits.requires_grad
+    assert abs(out.loss.item() - ref.loss.item()) <= 1e-5 * ref.loss.item()
+    got = model(input_ids=ids, labels=ids, return_dict=False)
+    assert torch.equal(got[1], ref.logits)  # the tuple form keeps them in the model's position
+    out.loss.backward()  # the logits took no part in the graph: one backward, as without them
+
+
+@pytest.mark.parametrize("value", [1, "yes", None])
+def test_bad_training_logits(value: Any) -> None:
+    with pytest.raises(ApplyError, match=f"training_logits={value!r} is not allowed: give True or False"):
+        apply_chunked_loss(qwen2(), training_logits=value)
+
+
+class DenseWeightHead(nn.Module):
+    """A frozen head stored in bf16 that computes in its input's dtype, implementing the
+    dense-weight protocol the way a quantized head would (storage other than nn.Linear's)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.register_buffer("stored", linear.weight.detach().to(torch.bfloat16))
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.stored.to(x.dtype))
+
+    def ciuic_dense_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self.calls += 1
+        return self.stored, None
+
+
+def test_a_head_with_the_dense_weight_protocol_is_chunked() -> None:
+    model, reference = qwen2(), qwen2()
+    for lm in (model, reference):
+        lm.lm_head = DenseWeightHead(lm.lm_head)
+    applied = apply_chunked_loss(model, chunk_bytes=SMALL_CHUNKS, training_logits=True)
+    assert applied.changed == ["<root> (Qwen2ForCausalLM)"]
+    assert applied.details["chunk_tokens"] == chunk_rows(64, 64, torch.bfloat16, chunk_bytes=SMALL_CHUNKS)
+    ids = _batch()
+    calls = model.lm_head.calls
+    out, ref = model(input_ids=ids, labels=ids), reference(input_ids=ids, labels=ids)
+    assert model.lm_head.calls == calls + 1  # the loss used the protocol's weight
+    assert torch.equal(out.logits, ref.logits)
+    assert abs(out.loss.item() - ref.loss.item()) <= 1e-5 * ref.loss.item()
+    out.loss.backward()
+    ref.loss.backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert _rel(p.grad, q.grad) <= 1e-5, name
+
+
+def test_a_dense_weight_of_the_wrong_form_is_named() -> None:
+    class Broken(DenseWeightHead):
+        def ciuic_dense_weight(self) -> Any:
+            return self.stored
+
+    model = qwen2()
+    model.lm_head = Broken(model.lm_head)
+    with pytest.raises(TypeError, match=r"Broken.ciuic_dense_weight\(\) returned Tensor: it must return"):
+        apply_chunked_loss(model)
 
 
 def test_peft_model_is_patched_through_its_inner_model() -> None:

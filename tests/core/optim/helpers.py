@@ -23,9 +23,18 @@ FINAL_LOSS_TOLERANCE = {
 """Relative final-loss gap allowed against ``torch.optim.AdamW`` after the 300-step parity runs,
 by ``(state_bits, dtype)`` (the issue's acceptance: 2 % for 8-bit, 4 % for 4-bit)."""
 
-MOMENT_TOLERANCE = {32: 1e-6, 8: 0.03, 4: 0.3}
+MOMENT_TOLERANCE = {
+    (32, torch.float32): 1e-6,
+    # bf16 moments (they follow the parameter dtype): a bf16 rounding (2**-9 relative) per step
+    (32, torch.bfloat16): 0.01,
+    (8, torch.float32): 0.03,
+    (8, torch.bfloat16): 0.03,
+    (4, torch.float32): 0.3,
+    (4, torch.bfloat16): 0.3,
+}
 """Largest error of a dequantized moment after 5 steps, as a fraction of that moment's largest
-magnitude, by ``state_bits``. Moments depend on the gradients only, so the reference is exact."""
+magnitude, by ``(state_bits, dtype)``. Moments depend on the gradients only, so the reference
+is exact."""
 
 PARAM_TOLERANCE = {
     (32, torch.float32): 1e-6,

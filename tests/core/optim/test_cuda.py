@@ -47,3 +47,30 @@ def test_codes_are_the_same_on_cpu_and_cuda(bits: int, moment: int) -> None:
         )
         out.append((codes.cpu(), absmax.cpu()))
     assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+
+
+@pytest.mark.parametrize("offload", [False, True], ids=["device", "offload"])
+def test_cuda_failed_backward_is_rolled_back_and_the_retry_equals_an_uninterrupted_step(
+    offload: bool,
+) -> None:
+    # On CUDA the engine may drop the dying backward's callback on its device thread, after the
+    # exception reached us: call rollback() as a recovery loop does, then retry.
+    from tests.core.optim.test_recovery import Boom, Trap, backward_trapped_at_the_middle_layer, window
+
+    model = regression()[0].cuda()
+    twin = clone(model)
+    kwargs = {"state_bits": 8, "min_quantized_numel": 1, "step_in_backward": True, "offload": offload}
+    opt, ref = CiuicAdamW(model.parameters(), **kwargs), CiuicAdamW(twin.parameters(), **kwargs)
+    window(model, cuda_loss, opt, 0)
+    window(twin, cuda_loss, ref, 0)
+    before = clone(model)
+    trap = Trap(opt)
+    with pytest.raises(Boom):
+        backward_trapped_at_the_middle_layer(model, cuda_loss, 1, trap)
+    opt.rollback()
+    torch.cuda.synchronize()
+    assert trap.stepped == 2 and same_bits(model, before)
+    window(model, cuda_loss, opt, 1)
+    window(twin, cuda_loss, ref, 1)
+    torch.cuda.synchronize()
+    assert same_bits(model, twin)

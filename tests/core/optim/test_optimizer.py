@@ -267,6 +267,7 @@ EFFECTS: dict[str, tuple[dict[str, Any], Callable[[nn.Module, CiuicAdamW, Memory
         {"step_in_backward": True, "accumulation_steps": 2},
         lambda m, o, meter, ref: all(s["step"] == 1 for s in o.state.values()),  # 2 backwards, 1 update
     ),
+    "fp32_states": ({"fp32_states": True}, lambda m, o, meter, ref: _bf16_moments_dtype(fp32_states=True)),
     "offload": (
         {"offload": True},
         lambda m, o, meter, ref: meter.peak_offloaded_bytes >= _state_bytes(o) > 0 and same_bits(m, ref),
@@ -288,7 +289,18 @@ INVALID: list[tuple[dict[str, Any], str]] = [
     ({"step_in_backward": True, "accumulation_steps": 0}, "accumulation_steps=0"),
     ({"accumulation_steps": 2}, "only applies with step_in_backward=True"),
     ({"offload": "optimizer"}, "offload='optimizer'.*True or False"),
+    ({"fp32_states": 1}, "fp32_states=1 is invalid"),
+    ({"state_bits": 8, "fp32_states": True}, "no effect with state_bits=8"),
 ]
+
+
+def _bf16_moments_dtype(*, fp32_states: bool) -> bool:
+    """Whether a bf16 parameter's moments are fp32 (fp32_states only shows on non-fp32 params)."""
+    param = nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
+    param.grad = torch.ones(3, dtype=torch.bfloat16)
+    opt = CiuicAdamW([param], fp32_states=fp32_states)
+    opt.step()
+    return opt.state[param]["exp_avg"].dtype == torch.float32
 
 
 def o_default(ref: nn.Module) -> CiuicAdamW:

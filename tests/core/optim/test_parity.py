@@ -21,6 +21,9 @@ from tests.core.optim.helpers import (
 )
 
 DTYPES = (torch.float32, torch.bfloat16)
+BF16_TORCH_TOLERANCE = 0.02
+"""Largest moment or parameter gap against torch's AdamW on the same bf16 parameter after 5
+steps (relative to the largest magnitude): a few bf16 roundings (2**-9 relative each)."""
 TASKS = {"regression": regression, "markov_lm": markov_lm}
 
 
@@ -57,11 +60,54 @@ def test_states_and_parameter_track_torch_adamw(bits: int, dtype: torch.dtype, n
         ref_opt.step()
     for got, name in zip(moments(opt, ours), ("exp_avg", "exp_avg_sq"), strict=True):
         want = ref_opt.state[ref][name]
-        assert got.dtype == torch.float32
-        assert (got - want).abs().max() <= MOMENT_TOLERANCE[bits] * want.abs().max(), name
+        assert got.dtype == (dtype if bits == 32 else torch.float32)
+        error = (got.float() - want).abs().max()
+        assert error <= MOMENT_TOLERANCE[(bits, dtype)] * want.abs().max(), name
     assert ours.dtype == dtype
     error = ((ours.float() - ref).abs() / ref.abs().clamp(min=1)).max()
     assert error <= PARAM_TOLERANCE[(bits, dtype)]
+
+
+@pytest.mark.parametrize("numel", AWKWARD_SIZES)
+def test_bf16_parameters_keep_bf16_moments_like_torch_adamw(numel: int) -> None:
+    # torch's AdamW on the same bf16 parameter: its moments are bf16 and it computes in bf16,
+    # CiuicAdamW computes in fp32 and rounds each result once, so the two differ by bf16 roundings.
+    ours = torch.nn.Parameter(torch.randn(numel, generator=torch.Generator().manual_seed(9)).bfloat16())
+    ref = torch.nn.Parameter(ours.detach().clone())
+    opt, ref_opt = CiuicAdamW([ours], lr=1e-2), torch.optim.AdamW([ref], lr=1e-2)
+    for step in range(5):
+        ours.grad = torch.randn(numel, generator=torch.Generator().manual_seed(step)).bfloat16()
+        ref.grad = ours.grad.clone()
+        opt.step()
+        ref_opt.step()
+    for name in ("exp_avg", "exp_avg_sq"):
+        got, want = opt.state[ours][name], ref_opt.state[ref][name]
+        assert got.dtype == want.dtype == torch.bfloat16
+        error = (got.float() - want.float()).abs().max()
+        assert error <= BF16_TORCH_TOLERANCE * want.float().abs().max(), name
+    error = ((ours.float() - ref.float()).abs() / ref.float().abs().clamp(min=1)).max()
+    assert error <= BF16_TORCH_TOLERANCE
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+def test_fp32_states_keeps_fp32_moments_and_fp32_parameters_are_unchanged(bits: int) -> None:
+    quantize = {} if bits == 32 else {"state_bits": bits, "min_quantized_numel": 1}
+    bf16 = torch.nn.Parameter(torch.randn(257).bfloat16())
+    bf16.grad = torch.randn(257).bfloat16()
+    kept = CiuicAdamW([bf16], fp32_states=True) if bits == 32 else CiuicAdamW([bf16], **quantize)
+    kept.step()
+    assert all(t.dtype != torch.bfloat16 for t in kept.state[bf16].values() if isinstance(t, torch.Tensor))
+    # fp32 parameters: the moments were and stay fp32, and fp32_states changes no bit
+    runs = []
+    for fp32_states in (False, True):
+        p = torch.nn.Parameter(torch.randn(257, generator=torch.Generator().manual_seed(3)))
+        opt = CiuicAdamW([p], lr=1e-2, fp32_states=fp32_states)
+        for step in range(3):
+            p.grad = torch.randn(257, generator=torch.Generator().manual_seed(step))
+            opt.step()
+        runs.append((p.detach().clone(), opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]))
+    assert runs[0][1].dtype == torch.float32
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
 @functools.cache

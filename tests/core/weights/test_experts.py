@@ -23,9 +23,7 @@ def _routing(tokens: int, experts: int, seed: int = 0) -> tuple[torch.Tensor, to
 
 @pytest.mark.parametrize("fmt", ["nf4", "fp4", "int8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_forward_matches_the_experts_module_on_the_dequantized_weights(
-    fmt: str, dtype: torch.dtype
-) -> None:
+def test_forward_matches_the_experts_module_on_the_dequantized_weights(fmt: str, dtype: torch.dtype) -> None:
     dense = _experts(dtype)
     quantized = QuantizedExperts(dense, fmt)
     assert quantized.gate_up_proj_data.shape[0] == quantized.down_proj_data.shape[0] == 4

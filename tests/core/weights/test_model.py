@@ -58,12 +58,15 @@ def test_router_gates_and_skip_names_are_left_dense_with_reasons() -> None:
     assert "router" in reasons["gate"] and "skip" in reasons["keep"]
 
 
-def test_quantize_head_puts_lm_head_in_int8() -> None:
+def test_quantize_head_is_an_alias_of_head_int8() -> None:
+    from ciuic.weights.tables import QuantizedHead
+
     model = frozen_deepseek()
     applied = quantize_(model, WeightOptions(format="nf4", quantize_head=True))
     import bitsandbytes as bnb
 
-    assert isinstance(model.lm_head, bnb.nn.Linear8bitLt)
+    assert isinstance(model.lm_head, QuantizedHead) and model.lm_head.codec.format == "int8"
+    assert applied.details["head"] == "int8"
     assert isinstance(model.model.layers[0].self_attn.q_a_proj, bnb.nn.Linear4bit)
     assert applied.details["coverage"] == 1.0
     assert type(model.model.embed_tokens) is nn.Embedding
@@ -121,12 +124,25 @@ def test_experts_forward_dequantizes_only_routed_experts() -> None:
     assert 1 <= len(set(used)) <= 2 < experts.num_experts
 
 
-def test_reported_bytes_match_the_modules_storage() -> None:
-    model = frozen_deepseek()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_reported_bytes_match_the_modules_storage(dtype: torch.dtype) -> None:
+    from ciuic.weights.functional import storage_bytes
+    from ciuic.weights.linear import linear_storage_bytes
+
+    model = frozen_deepseek(dtype)
+    weights = {n: p.untyped_storage().nbytes() for n, p in model.named_parameters()}
     applied = quantize_(model, WeightOptions(format="nf4"))
-    assert applied.details["dense_bytes"] == applied.details["bf16_bytes"]  # the model is bf16
-    converted = [model.get_submodule(n) for n in applied.changed]
-    assert sum(is_bnb_linear(m) for m in converted) == len(converted) - 1
+    converted = {n: model.get_submodule(n) for n in applied.changed}
+    # Bytes of the dense weights these modules held, read off the model before converting.
+    dense = sum(b for n, b in weights.items() if n.rpartition(".")[0] in converted and not n.endswith("bias"))
+    assert applied.details["dense_bytes"] == dense
+    assert applied.details["bf16_bytes"] * dtype.itemsize == dense * 2
+    stored = sum(
+        linear_storage_bytes(m) if is_bnb_linear(m) else storage_bytes(*m.buffers())
+        for m in converted.values()
+    )
+    assert applied.details["stored_bytes"] == stored
+    assert sum(is_bnb_linear(m) for m in converted.values()) == len(converted) - 1
     ids = progressions(batch_size=1, seq_len=8)
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()

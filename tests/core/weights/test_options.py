@@ -14,6 +14,8 @@ INVALID = {
     "format": ["int4", "NF4", None],
     "double_quant": [1, "yes"],
     "quantize_head": [0, None],
+    "head": ["fp8", "INT8", None, True],
+    "embeddings": ["int4", None],
     "freeze": ["model.layers", (1,)],
     "skip": ["lm_head", (None,)],
     "prune": ["2:2", "4:2", "0:4", "2-4", 0.0, 1.0, 1, "50%"],
@@ -36,6 +38,18 @@ def test_format_none_needs_pruning() -> None:
     with pytest.raises(ConfigError, match="converts nothing"):
         WeightOptions(format="none")
     assert not WeightOptions(format="none", prune="2:4").quantized
+
+
+def test_quantize_head_is_an_alias_of_head_int8_and_a_contradiction_is_refused() -> None:
+    assert WeightOptions(quantize_head=True).head == "int8"
+    assert WeightOptions(quantize_head=True, head="int8").head == "int8"
+    with pytest.raises(ConfigError, match=r"alias of head='int8'\) contradicts head='nf4'"):
+        WeightOptions(quantize_head=True, head="nf4")
+
+
+def test_format_none_with_only_the_head_or_embeddings_is_allowed() -> None:
+    assert WeightOptions(format="none", head="nf4").head == "nf4"
+    assert WeightOptions(format="none", embeddings="int8").embeddings == "int8"
 
 
 def test_options_are_frozen_keyword_only_and_pickle() -> None:

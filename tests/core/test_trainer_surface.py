@@ -1,0 +1,180 @@
+"""The core as a trainer drives it (issue #10's acceptance): presets through a wrapper inside the
+step scope, copies of applied models, checkpoint round trips, ``handle.update``.
+
+Every run is the tiny DeepSeek-V3 with PEFT LoRA (PEFT first, then Ciuic), on CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+import ciuic
+from ciuic.errors import InertTechniqueError
+from tests.models import deepseek_v3, lora, progressions
+
+PRESETS = ("balanced", "max")
+
+
+class Wrapper(nn.Module):
+    """What a LightningModule is to the model: it holds it and calls it from another method."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def training_step(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids, labels=ids).loss
+
+
+def _model() -> nn.Module:
+    return lora(deepseek_v3())
+
+
+def _batch(step: int) -> torch.Tensor:
+    return progressions(batch_size=2, seq_len=16, seed=step)
+
+
+def _optimizer(model: nn.Module, config: ciuic.CiuicConfig) -> torch.optim.Optimizer:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return ciuic.build_optimizer(trainable, config, lr=1e-2, weight_decay=0.0)
+
+
+def _train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: range) -> list[torch.Tensor]:
+    """One loop for every test here: forward with labels, backward, step, zero_grad."""
+    losses = []
+    for step in steps:
+        ids = _batch(step)
+        with ciuic.step_scope(model):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+    return losses
+
+
+def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [name for name in a if not torch.equal(a[name], b[name])]
+    assert not different, different[:5]
+
+
+def _assert_same_optimizer(a: torch.optim.Optimizer, b: torch.optim.Optimizer) -> None:
+    sa, sb = a.state_dict()["state"], b.state_dict()["state"]
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        for name, value in sa[key].items():
+            other = sb[key][name]
+            same = torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
+            assert same, (key, name)
+
+
+@pytest.mark.parametrize("preset", ["off", *PRESETS])
+def test_every_preset_acts_through_a_wrapper_inside_the_step_scope(preset: str) -> None:
+    wrapper = Wrapper(_model())
+    handle = ciuic.apply_(wrapper, preset)
+    ids = _batch(0)
+    with handle.step_scope():
+        out = wrapper.model(input_ids=ids, labels=ids)
+        out.loss.backward()
+    activations, loss = handle.record("activations"), handle.record("loss")
+    if preset == "off":
+        assert activations is None and loss is None and out.logits is not None
+        return
+    assert out.logits is None, "the loss was not chunked"
+    assert loss is not None and loss.changed
+    assert activations is not None and activations.details["stats"].packed > 0
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_without_the_scope_the_first_backward_through_a_wrapper_raises(preset: str) -> None:
+    wrapper = Wrapper(_model())
+    ciuic.apply_(wrapper, preset)
+    with pytest.raises(InertTechniqueError, match="step_scope"):
+        wrapper.training_step(_batch(0)).backward()
+
+
+def _copies() -> dict[str, Callable[[nn.Module], nn.Module]]:
+    def through_torch_save(model: nn.Module) -> nn.Module:
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        return torch.load(buffer, weights_only=False)
+
+    return {
+        "deepcopy": copy.deepcopy,
+        "pickle": lambda model: pickle.loads(pickle.dumps(model)),
+        "torch.save": through_torch_save,
+    }
+
+
+@pytest.mark.parametrize("how", list(_copies()))
+@pytest.mark.parametrize("preset", PRESETS)
+def test_a_copy_of_an_applied_model_trains_bitwise_like_the_original(preset: str, how: str) -> None:
+    model = _model()
+    handle = ciuic.apply_(model, preset)
+    _train(model, _optimizer(model, handle.config), range(2))
+    twin = _copies()[how](model)
+    twin_handle = ciuic.handle_of(twin)
+    assert twin_handle is not None and twin_handle is not handle and twin_handle.model is twin
+    losses = _train(model, _optimizer(model, handle.config), range(2, 4))
+    twin_losses = _train(twin, _optimizer(twin, handle.config), range(2, 4))
+    assert all(torch.equal(a, b) for a, b in zip(losses, twin_losses, strict=True))
+    _assert_same(_trainable(model), _trainable(twin))
+    ciuic.remove_(twin)
+    assert ciuic.handle_of(model) is handle  # removing from the copy leaves the original applied
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_checkpoint_round_trip_continues_bitwise(preset: str, tmp_path) -> None:
+    reference = _model()
+    handle = ciuic.apply_(reference, preset)
+    reference_opt = _optimizer(reference, handle.config)
+    _train(reference, reference_opt, range(4))
+
+    model = _model()
+    ciuic.apply_(model, preset)
+    optimizer = _optimizer(model, handle.config)
+    _train(model, optimizer, range(2))
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, tmp_path / "ckpt.pt")
+    del model, optimizer
+
+    resumed = _model()  # from scratch, as a restarted job does
+    ciuic.apply_(resumed, preset)
+    resumed_opt = _optimizer(resumed, handle.config)
+    checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert ciuic.saved_config(checkpoint["model"]) == handle.config
+    resumed.load_state_dict(checkpoint["model"])
+    resumed_opt.load_state_dict(checkpoint["optimizer"])
+    _train(resumed, resumed_opt, range(2, 4))
+    _assert_same(_trainable(resumed), _trainable(reference))
+    _assert_same_optimizer(resumed_opt, reference_opt)
+
+
+def test_update_from_balanced_to_max_touches_only_the_activations() -> None:
+    model = _model()
+    handle = ciuic.apply_(model, "balanced")
+    optimizer = _optimizer(model, handle.config)
+    _train(model, optimizer, range(1))
+    modules = {name: module for name, module in model.named_modules()}
+    weights, loss = handle.record("weights"), handle.record("loss")
+    assert handle.update("max") == ["activations"]
+    assert handle.record("weights") is weights and handle.record("loss") is loss
+    assert {name: module for name, module in model.named_modules()} == modules
+    assert handle.config == ciuic.CiuicConfig.preset("max")
+    record = handle.record("activations")
+    assert record is not None and record.details["codec"] == "int4" and record.details["offload"]
+    assert "step_in_backward" in handle.report()  # deferred: the optimizer was left as it is
+    _train(model, optimizer, range(1, 2))
+    assert record.details["stats"].packed > 0
