@@ -8,7 +8,9 @@ LR schedulers at the new optimizer. No technique logic lives here: the optimizer
 
 from __future__ import annotations
 
+import functools
 import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -68,6 +70,24 @@ def _hyper(group: dict[str, Any]) -> dict[str, Any]:
     return hyper
 
 
+def _track_steps(optimizer: torch.optim.Optimizer) -> None:
+    """What an LR scheduler does to its optimizer at construction (``torch.optim.lr_scheduler``
+    marks ``optimizer.step`` to check the call order); done again for the new optimizer."""
+    if hasattr(optimizer.step, "_wrapped_by_lr_sched"):
+        return
+    owner = weakref.ref(optimizer)
+    step = type(optimizer).step
+
+    @functools.wraps(step)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        opt = owner()
+        opt._opt_called = True  # type: ignore[union-attr]
+        return step(opt, *args, **kwargs)
+
+    wrapper._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+    optimizer.step = wrapper  # type: ignore[method-assign]
+
+
 def translate(
     optimizers: list[torch.optim.Optimizer],
     schedulers: list[Any],
@@ -103,5 +123,6 @@ def translate(
         for scheduler_config in schedulers:
             if getattr(scheduler_config.scheduler, "optimizer", None) is optimizer:
                 scheduler_config.scheduler.optimizer = new
+                _track_steps(new)
         result.append(new)
     return result

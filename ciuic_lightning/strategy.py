@@ -161,13 +161,9 @@ class CiuicStrategyMixin:
         return output
 
     def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+        # A backward that dies rolls a step-in-backward update back by itself (CiuicAdamW).
         try:
             return super().backward(closure_loss, optimizer, *args, **kwargs)  # type: ignore[misc]
-        except BaseException:
-            for opt in self.optimizers:  # type: ignore[attr-defined]
-                if isinstance(opt, ciuic.optim.CiuicAdamW) and hasattr(opt, "rollback"):
-                    opt.rollback()
-            raise
         finally:
             self._leave_scope()
 
@@ -189,22 +185,13 @@ def _loss_of(output: Any) -> Any:
 
 def _check_trainer(optimizer: torch.optim.Optimizer, trainer: Any) -> None:
     """Refuse, before the first step, Trainer settings the optimizer would silently defeat."""
-    check = getattr(ciuic.optim, "check_trainer_settings", None)
     clip = trainer.gradient_clip_val
-    scaler = getattr(trainer.precision_plugin, "scaler", None) is not None
-    if check is not None:
-        check(
-            optimizer,
-            clip_grad_norm=clip if clip else None,
-            grad_scaler=scaler,
-            accumulation_steps=trainer.accumulate_grad_batches,
-        )
-    elif clip and getattr(optimizer, "step_in_backward", False):  # core without the check yet
-        raise ConfigError(
-            f"Trainer(gradient_clip_val={clip}) cannot clip with step_in_backward=True: each parameter "
-            f"steps as soon as its gradient is ready, before any global norm exists. Drop "
-            f"gradient_clip_val, or set step_in_backward=False to clip."
-        )
+    ciuic.optim.check_trainer_settings(
+        optimizer,
+        clip_grad_norm=clip if clip else None,
+        grad_scaler=getattr(trainer.precision_plugin, "scaler", None) is not None,
+        accumulation_steps=trainer.accumulate_grad_batches,
+    )
 
 
 def _warn_if_other_config(checkpoint: Mapping[str, Any], config: CiuicConfig) -> None:
@@ -398,7 +385,28 @@ class CiuicFSDPStrategy(CiuicStrategyMixin, FSDPStrategy):
         ignored = _not_shardable(model)
         if ignored:
             self.kwargs["ignored_states"] = [*self.kwargs.get("ignored_states", ()), *ignored]
+        if self.root_device.type == "cpu":
+            return self._wrap_on_cpu(model)
         return super()._setup_model(model)
+
+    def _wrap_on_cpu(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Lightning's FSDP wrap with ``device_id=cpu``: Lightning passes ``root_device.index``
+        (``None`` on CPU), which FSDP refuses; the CPU/gloo runs of the tests need this."""
+        from lightning.pytorch.strategies.fsdp import _setup_activation_checkpointing
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        if any(isinstance(module, FullyShardedDataParallel) for module in model.modules()):
+            return model
+        wrapped = FullyShardedDataParallel(
+            module=model,
+            cpu_offload=self.cpu_offload,
+            mixed_precision=self.mixed_precision_config,
+            sharding_strategy=self.sharding_strategy,
+            device_id=self.root_device,
+            **self.kwargs,
+        )
+        _setup_activation_checkpointing(wrapped, self._activation_checkpointing_kwargs)
+        return wrapped
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:

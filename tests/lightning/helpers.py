@@ -12,15 +12,21 @@ from tests.models import deepseek_v3, lora, progressions
 
 VOCAB = 64
 
+ATTENTION = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+"""LoRA targets without the MLPs (PEFT then leaves the fused experts alone)."""
+
 
 class LoraModule(pl.LightningModule):
     """LoRA fine-tuning of a causal LM; ``training_step`` calls ``self.model(...)``."""
 
-    def __init__(self, lr: float = 1e-2, seed: int = 0, schedule: bool = False) -> None:
+    def __init__(
+        self, lr: float = 1e-2, seed: int = 0, schedule: bool = False, targets: tuple[str, ...] | None = None
+    ) -> None:
         super().__init__()
         self.lr = lr
         self.schedule = schedule
-        self.model = lora(deepseek_v3(vocab_size=VOCAB, seed=seed))
+        model = deepseek_v3(vocab_size=VOCAB, seed=seed)
+        self.model = lora(model) if targets is None else lora(model, targets=targets)
         self.losses: list[float] = []
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
