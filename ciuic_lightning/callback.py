@@ -52,27 +52,31 @@ class CiuicCallback(Callback):
         self.peak: ciuic.MemoryReading | None = None
         """The reading of the metered step with the highest peak so far."""
         self.readings: dict[int, ciuic.MemoryReading] = {}
-        """Each metered step's reading, by global step."""
+        """Each metered step's reading, by the global step it started at (0 is the first)."""
         self._meter: ciuic.MemoryMeter | None = None
+        self._step = 0
 
     def metered(self, step: int) -> bool:
         """Whether global step ``step`` is metered."""
         return step < self.warmup or step % self.every_n_steps == 0
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if self.metered(trainer.global_step):
+        self._step = trainer.global_step
+        if self.metered(self._step):
             device = trainer.strategy.root_device
             self._meter = ciuic.MemoryMeter(device=device, track=(pl_module, *trainer.optimizers))
             self._meter.__enter__()
         if _cuda(trainer):
             torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
 
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         meter, self._meter = self._meter, None
         if meter is not None:
             meter.__exit__(None, None, None)
             reading = meter.reading()
-            self.readings[trainer.global_step] = reading
+            self.readings[self._step] = reading
             if self.peak is None or reading.peak_bytes > self.peak.peak_bytes:
                 self.peak = reading
             for name in DEVICE_CATEGORIES:

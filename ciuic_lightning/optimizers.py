@@ -58,7 +58,7 @@ def rebuild(
     if config.step_in_backward:
         kwargs["accumulation_steps"] = accumulation_steps
     new = ciuic.build_optimizer(groups, config, **kwargs)
-    for old_group, new_group in zip(optimizer.param_groups, new.param_groups):
+    for old_group, new_group in zip(optimizer.param_groups, new.param_groups, strict=True):
         new_group.update({k: old_group[k] for k in _SCHEDULE_KEYS if k in old_group})
     return new
 

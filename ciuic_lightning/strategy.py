@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy, StrategyRegistry
@@ -347,7 +347,7 @@ class CiuicFSDPStrategy(CiuicStrategyMixin, FSDPStrategy):
     """
 
     strategy_name = "ciuic_fsdp"
-    _registered_strategies: list[str] = []  # not FSDPStrategy's: Lightning refuses those on CPU
+    _registered_strategies: ClassVar[list[str]] = []  # not FSDPStrategy's: Lightning refuses those on CPU
 
     def __init__(
         self,

@@ -17,7 +17,6 @@ import torch
 from lightning.pytorch.strategies import StrategyRegistry
 
 import ciuic
-import ciuic_lightning
 from tests.lightning.helpers import ATTENTION, LoraModule, loader, trainer
 
 

@@ -47,7 +47,7 @@ def _assert_equal(a: Any, b: Any, where: str = "") -> None:
             _assert_equal(a[key], b[key], f"{where}.{key}")
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             _assert_equal(x, y, f"{where}[{i}]")
     else:
         assert a == b, where
@@ -57,7 +57,9 @@ def _assert_equal(a: Any, b: Any, where: str = "") -> None:
 def test_resume_at_20_continues_bitwise_to_40(tmp_path: Path, preset: str) -> None:
     path = tmp_path / "step20.ckpt"
     straight = LoraModule()
-    run = trainer(tmp_path, strategy=CiuicStrategy(preset), max_epochs=2, callbacks=[SaveAfterFirstEpoch(path)])
+    run = trainer(
+        tmp_path, strategy=CiuicStrategy(preset), max_epochs=2, callbacks=[SaveAfterFirstEpoch(path)]
+    )
     run.fit(straight, _data())
     expected = _state(straight, run)
 

@@ -22,7 +22,15 @@ STEPS = 4
 
 def _run(strategy: str, preset: str, out: Path) -> list[dict]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "tests.lightning.distributed_job", strategy, preset, str(STEPS), str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "tests.lightning.distributed_job",
+        strategy,
+        preset,
+        str(STEPS),
+        str(out),
+    ]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-4000:]
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]

@@ -1,0 +1,65 @@
+"""Step-time cost of CiuicCallback's metering in a Lightning run (ratio only).
+
+    python bench/lightning_meter.py [--steps 60]
+
+Runs the same CiuicStrategy("balanced") LoRA job on the tiny DeepSeek-V3 (CPU) three times:
+without the callback, with it metering every step (``every_n_steps=1``: a MemoryMeter dispatch
+mode around each step), and with its defaults (first 2 steps, then one in 50). Prints the
+median step time of each relative to the run without it. The first 3 steps are not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ciuic_lightning import CiuicCallback, CiuicStrategy
+from tests.lightning.helpers import LoraModule, loader, trainer
+
+
+class StepTimer(pl.Callback):
+    """Wall time of each training step (batch start to batch end)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.times.append(time.perf_counter() - self._start)
+
+
+def median_step(steps: int, meter: CiuicCallback | None) -> float:
+    timer = StepTimer()
+    callbacks: list[pl.Callback] = [timer] if meter is None else [meter, timer]
+    run = trainer(
+        "/tmp/ciuic_bench_lightning", strategy=CiuicStrategy("balanced"), max_steps=steps, callbacks=callbacks
+    )
+    run.fit(LoraModule(), loader(4 * steps))
+    return statistics.median(timer.times[3:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=60)
+    steps = parser.parse_args().steps
+    base = median_step(steps, None)
+    every = median_step(steps, CiuicCallback(every_n_steps=1, print_table=False))
+    default = median_step(steps, CiuicCallback(print_table=False))
+    print(f"median step time relative to no callback ({steps} steps, CPU):")
+    print(f"  meter every step        {every / base:.2f}x")
+    print(f"  defaults (2, then 1/50) {default / base:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
