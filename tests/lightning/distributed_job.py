@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.strategies import StrategyRegistry
 
 import ciuic
+import ciuic_lightning  # noqa: F401  (registers strategy="ciuic_ddp", "ciuic_fsdp")
 from tests.lightning.helpers import ATTENTION, LoraModule, loader, trainer
 
 
