@@ -119,17 +119,18 @@ def _copies() -> dict[str, Callable[[nn.Module], nn.Module]]:
     }
 
 
-@pytest.mark.parametrize("how", list(_copies()))
-@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize(
+    ("preset", "how"), [("max", "deepcopy"), ("max", "pickle"), ("max", "torch.save"), ("balanced", "deepcopy")]
+)
 def test_a_copy_of_an_applied_model_trains_bitwise_like_the_original(preset: str, how: str) -> None:
     model = _model()
     handle = ciuic.apply_(model, preset)
-    _train(model, _optimizer(model, handle.config), range(2))
+    _train(model, _optimizer(model, handle.config), range(1))
     twin = _copies()[how](model)
     twin_handle = ciuic.handle_of(twin)
     assert twin_handle is not None and twin_handle is not handle and twin_handle.model is twin
-    losses = _train(model, _optimizer(model, handle.config), range(2, 4))
-    twin_losses = _train(twin, _optimizer(twin, handle.config), range(2, 4))
+    losses = _train(model, _optimizer(model, handle.config), range(1, 3))
+    twin_losses = _train(twin, _optimizer(twin, handle.config), range(1, 3))
     assert all(torch.equal(a, b) for a, b in zip(losses, twin_losses, strict=True))
     _assert_same(_trainable(model), _trainable(twin))
     ciuic.remove_(twin)
