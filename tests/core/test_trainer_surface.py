@@ -120,7 +120,8 @@ def _copies() -> dict[str, Callable[[nn.Module], nn.Module]]:
 
 
 @pytest.mark.parametrize(
-    ("preset", "how"), [("max", "deepcopy"), ("max", "pickle"), ("max", "torch.save"), ("balanced", "deepcopy")]
+    ("preset", "how"),
+    [("max", "deepcopy"), ("max", "pickle"), ("max", "torch.save"), ("balanced", "deepcopy")],
 )
 def test_a_copy_of_an_applied_model_trains_bitwise_like_the_original(preset: str, how: str) -> None:
     model = _model()
