@@ -81,13 +81,18 @@ FIELD = register_field(
         name="weights",
         doc="Storage of frozen base weights: 'none' keeps them as loaded; 'int8' (LLM.int8), 'nf4' or "
         "'fp4' (4-bit, QLoRA) quantize them in place with bitsandbytes. A mapping sets more options: "
-        "{format, double_quant, quantize_head, freeze, skip, prune} (see ciuic.weights.WeightOptions).",
+        "{format, double_quant, head, embeddings, freeze, skip, prune} (see ciuic.weights.WeightOptions).",
         allowed="'none', 'int8', 'nf4', 'fp4', or a mapping of WeightOptions fields",
         default=WeightOptions(format="none"),
         normalize=WeightOptions.from_value,
         to_plain=_weights_value,
         order=10,
-        presets={"balanced": WeightOptions(format="nf4"), "max": WeightOptions(format="nf4")},
+        # max also stores a frozen lm_head and the input embeddings in 8 bits: at 7B they are 2.03
+        # of the 5.52 GiB of NF4 weights (issue #10, 9b).
+        presets={
+            "balanced": WeightOptions(format="nf4"),
+            "max": WeightOptions(format="nf4", head="int8", embeddings="int8"),
+        },
     )
 )
 
