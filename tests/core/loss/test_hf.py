@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import ciuic
+from ciuic import ConfigError
 from ciuic.errors import ApplyError
 from ciuic.loss import apply_chunked_loss, chunk_rows
 from tests.models import deepseek_v3, lora, progressions, qwen2
@@ -218,7 +219,8 @@ def test_training_logits_are_the_models_own_and_detached() -> None:
 
 @pytest.mark.parametrize("value", [1, "yes", None])
 def test_bad_training_logits(value: Any) -> None:
-    with pytest.raises(ApplyError, match=f"training_logits={value!r} is not allowed: give True or False"):
+    message = rf"training_logits={value!r} is not allowed. Allowed: True or False"
+    with pytest.raises(ConfigError, match=message):
         apply_chunked_loss(qwen2(), training_logits=value)
 
 
