@@ -28,6 +28,7 @@ from torch import nn
 
 from ciuic.api import apply_technique_
 from ciuic.config import CiuicConfig, FieldSpec, register_field
+from ciuic.errors import ConfigError
 from ciuic.registry import Applied, Technique, register_technique
 
 from .experts import QuantizedExperts, fused_experts_layout_problem
@@ -69,6 +70,11 @@ def quantize_(model: nn.Module, options: WeightOptions) -> Applied:
     Returns the weights record of the handle ``apply_`` stored on the model; its ``undo()`` is
     ``ciuic.remove_(model)``. Applying again, through this or ``apply_``, is refused.
     """
+    if not options.enabled:
+        raise ConfigError(
+            "format='none' with prune=None converts nothing. Allowed: a format in 'int8', 'nf4', 'fp4', "
+            "a prune pattern such as '2:4', or head/embeddings='int8' or 'nf4'."
+        )
     return apply_technique_(model, CiuicConfig(weights=options), "weights")
 
 

@@ -294,14 +294,20 @@ def test_a_model_without_lm_head_is_refused() -> None:
         ciuic.apply_(nn.Sequential(nn.Linear(4, 4)), CHUNKED)
 
 
-def test_applying_twice_is_refused() -> None:
+def test_applying_twice_is_refused_whichever_door() -> None:
     model = qwen2()
     apply_chunked_loss(model)
-    with pytest.raises(ApplyError, match="already patched"):
+    with pytest.raises(ApplyError, match="already applied"):
+        apply_chunked_loss(model)
+    with pytest.raises(ApplyError, match="already applied"):
+        ciuic.apply_(model, CHUNKED)
+    ciuic.remove_(model)
+    ciuic.apply_(model, CHUNKED)
+    with pytest.raises(ApplyError, match="already applied"):
         apply_chunked_loss(model)
 
 
 @pytest.mark.parametrize("chunk_bytes", [0, -1, 1.5, True])
 def test_bad_chunk_bytes(chunk_bytes: Any) -> None:
-    with pytest.raises(ApplyError, match=f"chunk_bytes={chunk_bytes!r} is not allowed"):
+    with pytest.raises(ConfigError, match=f"chunk_bytes={chunk_bytes!r} is not allowed"):
         apply_chunked_loss(qwen2(), chunk_bytes=chunk_bytes)

@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ciuic import ApplyError, MemoryMeter
-from ciuic.weights import WeightOptions, quantize_, snr_db
+from ciuic.weights import WeightOptions, convert_weights, quantize_, snr_db
 from ciuic.weights.tables import QuantizedEmbedding, QuantizedHead
 from tests.core.weights.helpers import (
     ATTENTION_TARGETS,
@@ -163,7 +163,7 @@ def test_converting_again_leaves_the_stored_tables_as_they_are() -> None:
     with pytest.raises(
         ApplyError, match=r"model.embed_tokens, lm_head: already stored by bitsandbytes/ciuic"
     ):
-        quantize_(model, WeightOptions(format="none", head="int8", embeddings="int8"))
+        convert_weights(model, WeightOptions(format="none", head="int8", embeddings="int8"))
     first.undo()
     assert type(model.lm_head) is nn.Linear and type(model.model.embed_tokens) is nn.Embedding
 
