@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
-import io
-import pickle
 from collections.abc import Callable
 from typing import Any
 
@@ -16,9 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import ciuic
+from ciuic import ConfigError
 from ciuic.errors import ApplyError
 from ciuic.loss import apply_chunked_loss, chunk_rows
-from tests.models import deepseek_v3, lora, progressions, qwen2
+from tests.models import COPIES, deepseek_v3, lora, progressions, qwen2
 
 CHUNKED = ciuic.CiuicConfig(loss="chunked")
 SMALL_CHUNKS = 4096  # 8 tokens a chunk at vocabulary 64, hidden 64: every batch walks many chunks
@@ -130,24 +129,6 @@ def test_remove_restores_the_model() -> None:
     assert torch.equal(out.logits, ref.logits) and torch.equal(out.loss, ref.loss)
 
 
-def _pickled(model: nn.Module) -> nn.Module:
-    copied: nn.Module = pickle.loads(pickle.dumps(model))
-    return copied
-
-
-def _torch_saved(model: nn.Module) -> nn.Module:
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
-    buffer.seek(0)
-    copied: nn.Module = torch.load(buffer, weights_only=False)
-    return copied
-
-
-COPIES: dict[str, Callable[[nn.Module], nn.Module]] = {
-    "deepcopy": copy.deepcopy,
-    "pickle": _pickled,
-    "torch_save": _torch_saved,
-}
 
 
 @pytest.mark.parametrize("duplicate", COPIES.values(), ids=list(COPIES))
@@ -218,7 +199,8 @@ def test_training_logits_are_the_models_own_and_detached() -> None:
 
 @pytest.mark.parametrize("value", [1, "yes", None])
 def test_bad_training_logits(value: Any) -> None:
-    with pytest.raises(ApplyError, match=f"training_logits={value!r} is not allowed: give True or False"):
+    message = rf"training_logits={value!r} is not allowed. Allowed: True or False"
+    with pytest.raises(ConfigError, match=message):
         apply_chunked_loss(qwen2(), training_logits=value)
 
 
@@ -292,14 +274,20 @@ def test_a_model_without_lm_head_is_refused() -> None:
         ciuic.apply_(nn.Sequential(nn.Linear(4, 4)), CHUNKED)
 
 
-def test_applying_twice_is_refused() -> None:
+def test_applying_twice_is_refused_whichever_door() -> None:
     model = qwen2()
     apply_chunked_loss(model)
-    with pytest.raises(ApplyError, match="already patched"):
+    with pytest.raises(ApplyError, match="already applied"):
+        apply_chunked_loss(model)
+    with pytest.raises(ApplyError, match="already applied"):
+        ciuic.apply_(model, CHUNKED)
+    ciuic.remove_(model)
+    ciuic.apply_(model, CHUNKED)
+    with pytest.raises(ApplyError, match="already applied"):
         apply_chunked_loss(model)
 
 
 @pytest.mark.parametrize("chunk_bytes", [0, -1, 1.5, True])
 def test_bad_chunk_bytes(chunk_bytes: Any) -> None:
-    with pytest.raises(ApplyError, match=f"chunk_bytes={chunk_bytes!r} is not allowed"):
+    with pytest.raises(ConfigError, match=f"chunk_bytes={chunk_bytes!r} is not allowed"):
         apply_chunked_loss(qwen2(), chunk_bytes=chunk_bytes)
