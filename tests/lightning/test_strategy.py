@@ -187,3 +187,34 @@ def test_manual_optimization_runs_in_the_scope(tmp_path: Path) -> None:
     run = trainer(tmp_path, strategy=CiuicStrategy("balanced"), max_steps=2)
     run.fit(module, loader(8))
     assert len(module.losses) == 2 and isinstance(run.optimizers[0], ciuic.optim.CiuicAdamW)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_the_users_precision_stays_theirs(tmp_path: Path, precision: str) -> None:
+    module = LoraModule()
+    run = trainer(tmp_path, strategy=CiuicStrategy("balanced"), max_steps=2, precision=precision)
+    run.fit(module, loader(8, batch_size=2, seq_len=16))
+    assert run.precision == precision and len(module.losses) == 2
+    lora_dtypes = {p.dtype for n, p in module.named_parameters() if "lora_" in n}
+    assert lora_dtypes == {torch.bfloat16 if precision == "bf16-true" else torch.float32}
+    assert ciuic.handle_of(module).record("weights") is not None
+
+
+def test_several_devices_are_sent_to_ciuic_ddp(tmp_path: Path) -> None:
+    run = trainer(tmp_path, strategy=CiuicStrategy("balanced"), devices=2, max_steps=1)
+    module = LoraModule()
+    with pytest.raises(ConfigError, match="strategy='ciuic_ddp'"):
+        run.fit(module, loader(4))
+    assert module.losses == []
+
+
+def test_a_second_fit_with_another_config_updates_the_model(tmp_path: Path) -> None:
+    module = LoraModule()
+    trainer(tmp_path, strategy=CiuicStrategy("balanced"), max_steps=1).fit(module, loader(4))
+    handle = ciuic.handle_of(module)
+    trainer(tmp_path, strategy=CiuicStrategy("balanced", activations="int4"), max_steps=1).fit(
+        module, loader(4)
+    )
+    assert ciuic.handle_of(module) is handle
+    assert handle.config == ciuic.CiuicConfig.preset("balanced", activations="int4")
+    assert handle.record("activations").details["codec"] == "int4"
