@@ -18,9 +18,10 @@ The Lightning hooks it relies on, in the order the Trainer calls them (``Trainer
    names a Ciuic optimizer, each optimizer is rebuilt with ``ciuic.build_optimizer`` (groups
    and hyperparameters kept, LR schedulers re-pointed) and the Trainer settings the optimizer
    would silently defeat (``gradient_clip_val`` with ``step_in_backward``) are refused.
-5. Checkpoint restore (``restore_checkpoint_after_setup`` is ``True``): weights and optimizer
-   states load into the applied model and the Ciuic optimizer, so quantized weights and
-   states resume exactly.
+5. Checkpoint restore (``restore_checkpoint_after_setup`` is ``True``; Lightning otherwise
+   loads the weights before ``Strategy.setup`` on one device and under DDP): weights and
+   optimizer states load into the applied model and the Ciuic optimizer, so quantized weights
+   and states resume exactly; ``load_checkpoint`` warns when the checkpoint's config differs.
 6. Each step: ``training_step()`` enters ``handle.step_scope()`` and ``backward()`` leaves it
    after the backward pass, so the scope covers forward and backward in both the automatic
    optimization closure (where backward runs inside ``optimizer.step(closure)``) and the
@@ -133,9 +134,9 @@ class CiuicStrategyMixin:
         super().save_checkpoint(checkpoint, filepath, storage_options)  # type: ignore[misc]
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        # The saved technique states and Ciuic's option objects are plain data, but a
-        # checkpoint of an applied model is ours: load it as Lightning loads its own.
-        checkpoint: dict[str, Any] = super().load_checkpoint(checkpoint_path, weights_only=False)  # type: ignore[misc]
+        # A checkpoint of an applied model holds only tensors and plain data (the codes and
+        # scales of quantized weights and states, the config as a dict): weights_only loads work.
+        checkpoint: dict[str, Any] = super().load_checkpoint(checkpoint_path, weights_only=weights_only)  # type: ignore[misc]
         _warn_if_other_config(checkpoint, self.ciuic_config)
         return checkpoint
 
