@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -58,6 +59,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=60)
     steps = parser.parse_args().steps
+    torch.set_num_threads(1)  # as the tests: tiny ops, and no spinning workers on a shared CPU
     base = median_step(steps, None)
     every = median_step(steps, CiuicCallback(every_n_steps=1, print_table=False))
     default = median_step(steps, CiuicCallback(print_table=False))
