@@ -64,10 +64,16 @@ class CiuicCallback(TrainerCallback):
     """
 
     def __init__(
-        self, config: CiuicConfig | str | Mapping[str, Any] | None = None, *, memory: str = "auto", **fields: Any
+        self,
+        config: CiuicConfig | str | Mapping[str, Any] | None = None,
+        *,
+        memory: str = "auto",
+        **fields: Any,
     ) -> None:
         self._requested = (config, fields)
-        self.config: CiuicConfig | None = None if config is None and not fields else as_config(config, **fields)
+        self.config: CiuicConfig | None = (
+            None if config is None and not fields else as_config(config, **fields)
+        )
         self.memory_mode = memory
         PeakMemory(memory, _cpu())  # validates memory= now
         self.handle: CiuicHandle | None = None
@@ -82,9 +88,11 @@ class CiuicCallback(TrainerCallback):
             raise ApplyError("CiuicCallback got no model in on_init_end: pass model= to the Trainer.")
         trainer = calling_trainer()
         config = self._resolve(model)
+        existing = self._existing(model, config)
         check_training_args(config, args)
         before = _trainable(model)
-        self.handle = self._apply(model, config)
+        self.handle = existing if existing is not None else ciuic.apply_(model, config)
+        self.applied_here = existing is None
         optimizer = kwargs.get("optimizer")
         if optimizer is not None:
             _check_holds_new_trainable(optimizer, model, before)
@@ -96,7 +104,8 @@ class CiuicCallback(TrainerCallback):
         elif optimizer is None:
             logger.warning(
                 "CiuicCallback could not find the Trainer being built: it cannot choose the optimizer or "
-                "wrap the training step; pass optimizer_cls_and_kwargs=ciuic_hf.optimizer_cls_and_kwargs(config, args)."
+                "wrap the training step; pass "
+                "optimizer_cls_and_kwargs=ciuic_hf.optimizer_cls_and_kwargs(config, args)."
             )
         if args.should_log:
             logger.info(self.handle.report())
@@ -105,20 +114,21 @@ class CiuicCallback(TrainerCallback):
         """Check the optimizer the ``Trainer`` built; restore the technique states when resuming."""
         if self.handle is None:
             raise ApplyError(
-                "CiuicCallback was added after the Trainer was built (trainer.add_callback?): it must convert "
-                "the model before the Trainer builds the optimizer. Pass it to the constructor: "
+                "CiuicCallback was added after the Trainer was built (trainer.add_callback?): it must "
+                "convert the model before the Trainer builds the optimizer. Pass it to the constructor: "
                 "Trainer(..., callbacks=[CiuicCallback(...)])."
             )
         check_trainer_optimizer(self.handle.config, args, kwargs.get("optimizer"))
         folder = self._resume_dir(args, state)
-        if folder is not None and not load_states(self.handle, folder, args.process_index):
-            if any(r.stateful is not None for r in self.handle.applied):
-                warnings.warn(
-                    f"ciuic: the checkpoint {folder} has no ciuic technique states (saved without "
-                    f"CiuicCallback?): the run continues, but not bitwise as it would have.",
-                    UserWarning,
-                    stacklevel=2,
-                )
+        if folder is None or load_states(self.handle, folder, args.process_index):
+            return
+        if any(r.stateful is not None for r in self.handle.applied):
+            warnings.warn(
+                f"ciuic: the checkpoint {folder} has no ciuic technique states (saved without "
+                f"CiuicCallback?): the run continues, but not bitwise as it would have.",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Write the technique states into the checkpoint the ``Trainer`` just saved."""
@@ -126,7 +136,9 @@ class CiuicCallback(TrainerCallback):
         if self.handle is not None and os.path.isdir(folder):
             save_states(self.handle, folder, args.process_index)
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
         """Add the peak memory beside the training loss (logs, ``report_to`` loggers, progress bar)."""
         if self.memory is None or logs is None or not ({"loss", "train_loss"} & set(logs)):
             return
@@ -149,12 +161,10 @@ class CiuicCallback(TrainerCallback):
             self.config = existing.config if existing is not None else CiuicConfig()
         return self.config
 
-    def _apply(self, model: Any, config: CiuicConfig) -> CiuicHandle:
+    def _existing(self, model: Any, config: CiuicConfig) -> CiuicHandle | None:
+        """The handle of a model already converted with ``config``; refuses another config."""
         existing = ciuic.handle_of(model)
-        if existing is None:
-            self.applied_here = True
-            return ciuic.apply_(model, config)
-        if existing.config != config:
+        if existing is not None and existing.config != config:
             raise ApplyError(
                 f"the model was already converted by ciuic.apply_ with another config "
                 f"({', '.join(existing.config.differs(config))} differ): give CiuicCallback the same "

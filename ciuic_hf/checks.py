@@ -19,7 +19,9 @@ from .optimizer import DEFAULT_OPTIMS, asks_for_ciuic_optimizer, describe, probe
 def checkpointing_field(args: Any) -> str:
     """The ``TrainingArguments`` field that turns the ``Trainer``'s activation checkpointing on:
     ``activation_checkpointing`` (transformers >= 5.x) or ``gradient_checkpointing`` (older)."""
-    return "activation_checkpointing" if hasattr(args, "activation_checkpointing") else "gradient_checkpointing"
+    return (
+        "activation_checkpointing" if hasattr(args, "activation_checkpointing") else "gradient_checkpointing"
+    )
 
 
 def check_training_args(config: CiuicConfig, args: Any) -> None:
@@ -103,8 +105,8 @@ def _check_compile(config: CiuicConfig, args: Any) -> None:
     if not getattr(args, "torch_compile", False):
         return
     hooked = [
-        f"{key}={value!r}"
-        for key, value in (("activations", str(config.activations)), ("checkpointing", config.checkpointing))
+        f"{key}={_plain(value)!r}"
+        for key, value in (("activations", config.activations), ("checkpointing", config.checkpointing))
         if value != "none"
     ]
     if "activations" in config.offload:
@@ -115,6 +117,11 @@ def _check_compile(config: CiuicConfig, args: Any) -> None:
             f"saved-tensor and module hooks that a compiled model does not run as written. Set "
             f"torch_compile=False, or turn those fields off in the CiuicConfig."
         )
+
+
+def _plain(value: Any) -> Any:
+    to_value = getattr(value, "to_value", None)
+    return to_value() if callable(to_value) else value
 
 
 def _describe(optimizer: Any) -> str:

@@ -12,7 +12,7 @@ Two sources, chosen by ``CiuicCallback(memory=...)``:
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -36,7 +36,9 @@ class PeakMemory:
 
     def __init__(self, mode: str, device: torch.device) -> None:
         if mode not in MEMORY_MODES:
-            raise ValueError(f"memory={mode!r} is not allowed. Allowed: {', '.join(map(repr, MEMORY_MODES))}.")
+            raise ValueError(
+                f"memory={mode!r} is not allowed. Allowed: {', '.join(map(repr, MEMORY_MODES))}."
+            )
         if mode == "auto":
             mode = "peak" if device.type == "cuda" else "off"
         self.mode = mode
@@ -47,8 +49,9 @@ class PeakMemory:
         """The context ``Trainer.train`` runs in: a meter tracking ``model``, or nothing."""
         if self.mode != "meter":
             return contextlib.nullcontext()
-        self.meter = MemoryMeter(device=self.device, track=(model,))
-        return self.meter
+        meter = MemoryMeter(device=self.device, track=(model,))
+        self.meter = meter
+        return cast(contextlib.AbstractContextManager[Any], meter)
 
     def entries(self) -> dict[str, int]:
         """The log entries: the peak, and with the meter its breakdown by category."""

@@ -61,15 +61,21 @@ class CiuicOptimizer(torch.optim.Optimizer):
 
     Example:
         >>> import torch, ciuic
-        >>> opt = CiuicOptimizer([torch.nn.Parameter(torch.zeros(4))], config=ciuic.CiuicConfig(optimizer="adamw8bit"), lr=1e-3)
+        >>> config = ciuic.CiuicConfig(optimizer="adamw8bit")
+        >>> opt = CiuicOptimizer([torch.nn.Parameter(torch.zeros(4))], config=config, lr=1e-3)
         >>> type(opt).__name__
         'CiuicAdamW'
     """
 
     def __new__(  # type: ignore[misc]
-        cls, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], *, config: CiuicConfig, **adamw_kwargs: Any
+        cls,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        *,
+        config: CiuicConfig,
+        **adamw_kwargs: Any,
     ) -> torch.optim.Optimizer:
-        return ciuic.build_optimizer(params, config, **adamw_kwargs)
+        optimizer: torch.optim.Optimizer = ciuic.build_optimizer(params, config, **adamw_kwargs)
+        return optimizer
 
 
 def optimizer_kwargs(config: CiuicConfig, args: Any) -> dict[str, Any]:
@@ -116,7 +122,7 @@ def optimizer_cls_and_kwargs(
 
 def unwrap_optimizer(optimizer: Any) -> Any:
     """The optimizer inside accelerate's ``AcceleratedOptimizer`` (or the optimizer itself)."""
-    while hasattr(optimizer, "optimizer") and isinstance(getattr(optimizer, "optimizer"), torch.optim.Optimizer):
+    while hasattr(optimizer, "optimizer") and isinstance(optimizer.optimizer, torch.optim.Optimizer):
         optimizer = optimizer.optimizer
     return optimizer
 
@@ -134,4 +140,7 @@ def describe(optimizer: Any) -> tuple[str, Any, Any, Any]:
 def probe(config: CiuicConfig, args: Any) -> torch.optim.Optimizer:
     """The optimizer ``config`` asks for, over one scalar parameter (to compare and check with)."""
     kwargs = optimizer_kwargs(config, args)
-    return ciuic.build_optimizer([torch.nn.Parameter(torch.zeros(1))], config, **kwargs)
+    optimizer: torch.optim.Optimizer = ciuic.build_optimizer(
+        [torch.nn.Parameter(torch.zeros(1))], config, **kwargs
+    )
+    return optimizer

@@ -83,8 +83,9 @@ def _checkpoint_dir(resume: Any, hooks: TrainerHooks) -> str | None:
     if resume is True:
         from transformers.trainer_utils import get_last_checkpoint
 
-        return get_last_checkpoint(hooks.trainer.args.output_dir)  # the Trainer raises if None
-    return os.fspath(resume)
+        last: str | None = get_last_checkpoint(hooks.trainer.args.output_dir)  # type: ignore[no-untyped-call]
+        return last  # None: the Trainer raises its own error
+    return str(os.fspath(resume))
 
 
 class TrainerHooks:
@@ -101,7 +102,11 @@ class TrainerHooks:
         """Set the optimizer route, the step scope and the ``train`` wrapper on the trainer."""
         trainer = self.trainer
         config = self.handle.config
-        if trainer.optimizer is None and trainer.optimizer_cls_and_kwargs is None and asks_for_ciuic_optimizer(config):
+        if (
+            trainer.optimizer is None
+            and trainer.optimizer_cls_and_kwargs is None
+            and asks_for_ciuic_optimizer(config)
+        ):
             trainer.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs(config, trainer.args)
             self.set_optimizer = True
         trainer.training_step = ScopedTrainingStep(trainer.training_step, self.handle)

@@ -97,7 +97,12 @@ def test_compute_loss_subclass(tmp_path: Path, warm_tables: None) -> None:
 @pytest.mark.parametrize("preset", ["balanced", "max"])
 def test_resume_is_bitwise(tmp_path: Path, preset: str) -> None:
     """20 steps, a checkpoint, a new process's worth of objects resuming to 40: the same bits."""
-    common: dict[str, Any] = {"max_steps": 40, "samples": 16, "max_grad_norm": 0.0, "per_device_train_batch_size": 2}
+    common: dict[str, Any] = {
+        "max_steps": 40,
+        "samples": 16,
+        "max_grad_norm": 0.0,
+        "per_device_train_batch_size": 2,
+    }
     whole = build(tmp_path / "whole", [CiuicCallback(preset)], **common)
     whole.train()
     first = build(tmp_path / "run", [CiuicCallback(preset)], save_steps=20, save_strategy="steps", **common)
