@@ -56,6 +56,7 @@ def build(
     *,
     trainer_class: type[Trainer] = Trainer,
     samples: int | None = None,
+    seq_len: int = SEQ,
     trainer_kwargs: dict[str, Any] | None = None,
     **overrides: Any,
 ) -> Trainer:
@@ -65,7 +66,7 @@ def build(
     return trainer_class(
         model=lora(deepseek_v3()),
         args=args,
-        train_dataset=Progressions(count),
+        train_dataset=Progressions(count, seq_len=seq_len),
         callbacks=list(callbacks),
         **(trainer_kwargs or {}),
     )

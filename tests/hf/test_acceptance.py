@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from transformers import EvalPrediction, Trainer
+from transformers import EvalPrediction, Trainer, TrainerCallback
 
 import ciuic
 from ciuic.optim import FORMATS
@@ -94,10 +94,22 @@ def test_compute_loss_subclass(tmp_path: Path, warm_tables: None) -> None:
     _assert_balanced_factors(plain_memory, our_memory)
 
 
+class StopAt(TrainerCallback):
+    """Ends training after ``step`` optimizer steps (the checkpoint of that step is saved first)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
 @pytest.mark.parametrize("preset", ["balanced", "max"])
 def test_resume_is_bitwise(tmp_path: Path, preset: str) -> None:
     """20 steps, a checkpoint, a new process's worth of objects resuming to 40: the same bits."""
     common: dict[str, Any] = {
+        "seq_len": 16,
         "max_steps": 40,
         "samples": 16,
         "max_grad_norm": 0.0,
@@ -105,11 +117,14 @@ def test_resume_is_bitwise(tmp_path: Path, preset: str) -> None:
     }
     whole = build(tmp_path / "whole", [CiuicCallback(preset)], **common)
     whole.train()
-    first = build(tmp_path / "run", [CiuicCallback(preset)], save_steps=20, save_strategy="steps", **common)
-    first.train()  # saves checkpoint-20 and checkpoint-40; resume from 20
+    first = build(
+        tmp_path / "run", [CiuicCallback(preset), StopAt(20)], save_steps=20, save_strategy="steps", **common
+    )
+    first.train()  # saves checkpoint-20 and stops there, as if the job had been killed
     resumed = build(tmp_path / "run", [CiuicCallback(preset)], **common)
     resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-20"))
     assert (tmp_path / "run" / "checkpoint-20" / "ciuic_state-0.pt").is_file()
+    assert not (tmp_path / "run" / "checkpoint-40").exists() and first.state.global_step == 20
     expected, got = trainable(whole), trainable(resumed)
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[name], got[name]) for name in expected)
