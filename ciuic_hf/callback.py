@@ -70,7 +70,6 @@ class CiuicCallback(TrainerCallback):
         memory: str = "auto",
         **fields: Any,
     ) -> None:
-        self._requested = (config, fields)
         self.config: CiuicConfig | None = (
             None if config is None and not fields else as_config(config, **fields)
         )
@@ -87,6 +86,11 @@ class CiuicCallback(TrainerCallback):
         if model is None:
             raise ApplyError("CiuicCallback got no model in on_init_end: pass model= to the Trainer.")
         trainer = calling_trainer()
+        if trainer is not None and trainer.model_init is not None:
+            raise ConfigError(
+                "Trainer(model_init=...) re-creates the model in train(), after CiuicCallback converted "
+                "this one: build the model and pass Trainer(model=...) instead."
+            )
         config = self._resolve(model)
         existing = self._existing(model, config)
         check_training_args(config, args)

@@ -7,7 +7,8 @@ Memory factors asserted for ``balanced`` on this model (tiny DeepSeek-V3 + LoRA 
 - activations saved for backward at the peak: at most 0.31x (int8 codes: the core's 3.25x);
 - parameters: at most 0.60x (NF4 frozen weights; LoRA, embeddings, norms, router gates and
   ``lm_head`` stay fp32, so the whole model does not reach NF4's 0.14x of fp32);
-- the peak: at most 0.60x.
+- the peak: at most 0.65x (0.577x measured with transformers 5.24.0, 0.638x with 5.0.0, whose
+  DeepSeek-V3 code keeps more temporaries).
 
 The 8-bit optimizer states are not asserted lower here: LoRA tensors of this model have 512
 elements, under ``min_quantized_numel`` (4096), so they keep fp32 states (the core's 8-bit
@@ -49,7 +50,7 @@ def _assert_balanced_factors(plain: ciuic.MemoryReading, ours: ciuic.MemoryReadi
     before, after = plain.peak_by_category, ours.peak_by_category
     assert after["activations"] <= 0.31 * before["activations"], (before, after)
     assert after["parameters"] <= 0.60 * before["parameters"], (before, after)
-    assert ours.peak_bytes <= 0.60 * plain.peak_bytes, (plain.peak_bytes, ours.peak_bytes)
+    assert ours.peak_bytes <= 0.65 * plain.peak_bytes, (plain.peak_bytes, ours.peak_bytes)
 
 
 def test_balanced_callback_is_the_only_change(tmp_path: Path, warm_tables: None) -> None:

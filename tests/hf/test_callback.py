@@ -4,20 +4,23 @@ memory in the logs. Few steps each: these check behavior, the acceptance tests c
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 
 import ciuic
-from ciuic.errors import ApplyError, ConfigError
+from ciuic.errors import ApplyError, ConfigError, InertTechniqueError
 from ciuic.optim import CiuicAdamW
 from ciuic_hf import PEAK_KEY, CiuicCallback, CiuicOptimizer, category_key, optimizer_cls_and_kwargs
 from ciuic_hf.checks import checkpointing_field
 from tests.hf.common import Progressions, arguments, build, losses
 from tests.models import deepseek_v3, lora
+
+CHECKPOINTING = "<activation or gradient checkpointing>"
 
 # -- the optimizer the Trainer builds ---------------------------------------------------------------
 
@@ -125,8 +128,8 @@ def test_plain_adamw_config_leaves_the_trainer_optimizer_alone(tmp_path: Path) -
         ),
         (
             {"checkpointing": "full"},
-            {"activation_checkpointing": True},
-            r"activation_checkpointing=True\) and .*twice",
+            {CHECKPOINTING: True},
+            r"_checkpointing=True\) and .*twice",
         ),
         ("balanced", {"optim": "adamw_bnb_8bit"}, r"optim='adamw_bnb_8bit'\) conflicts"),
     ],
@@ -136,6 +139,8 @@ def test_refused_before_the_first_step(
 ) -> None:
     model = lora(deepseek_v3())
     before = [m for m in model.modules()]
+    field = checkpointing_field(arguments(tmp_path))  # its name in this transformers release
+    overrides = {field if key == CHECKPOINTING else key: value for key, value in overrides.items()}
     with pytest.raises(ConfigError, match=message):
         Trainer(
             model=model,
@@ -147,7 +152,12 @@ def test_refused_before_the_first_step(
 
 
 def test_checkpointing_field_of_this_release(tmp_path: Path) -> None:
-    assert checkpointing_field(arguments(tmp_path)) == "activation_checkpointing"
+    names = {field.name for field in dataclasses.fields(TrainingArguments)}
+    name = checkpointing_field(arguments(tmp_path))
+    assert name in names
+    assert name == (
+        "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    )
 
 
 def test_added_after_construction_is_refused(tmp_path: Path) -> None:
@@ -155,6 +165,16 @@ def test_added_after_construction_is_refused(tmp_path: Path) -> None:
     trainer.add_callback(CiuicCallback("balanced"))
     with pytest.raises(ApplyError, match=r"added after the Trainer was built .*callbacks=\[CiuicCallback"):
         trainer.train()
+
+
+def test_model_init_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"model_init=\.\.\.\) re-creates the model"):
+        Trainer(
+            model_init=lambda: lora(deepseek_v3()),
+            args=arguments(tmp_path),
+            train_dataset=Progressions(8),
+            callbacks=[CiuicCallback("balanced")],
+        )
 
 
 def test_other_config_on_applied_model_is_refused(tmp_path: Path) -> None:
@@ -254,7 +274,9 @@ def test_bitsandbytes_loaded_model_is_not_quantized_twice(tmp_path: Path) -> Non
 
 
 def test_memory_meter_in_the_logs(tmp_path: Path) -> None:
-    trainer = build(tmp_path, [CiuicCallback("balanced", memory="meter")], max_steps=2, logging_steps=1)
+    callback = CiuicCallback("balanced", memory="meter")
+    trainer = build(tmp_path, [callback], max_steps=2, logging_steps=1)
+    assert trainer.callback_handler.callbacks[0] is callback  # its log entries reach every logger after it
     trainer.train()
     entries = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(entries) == 2
@@ -276,3 +298,26 @@ def test_memory_auto_logs_nothing_on_cpu(tmp_path: Path) -> None:
 def test_bad_memory_mode() -> None:
     with pytest.raises(ValueError, match="memory='always' is not allowed"):
         CiuicCallback(memory="always")
+
+
+class InnerCallTrainer(Trainer):
+    """A subclass whose ``compute_loss`` calls the model under the PEFT wrapper, not the root."""
+
+    def compute_loss(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        outputs = model.get_base_model()(**inputs)
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+
+def test_step_scope_covers_a_subclass_calling_an_inner_module(tmp_path: Path) -> None:
+    trainer = build(
+        tmp_path, [CiuicCallback(activations="int8")], max_steps=2, trainer_class=InnerCallTrainer
+    )
+    trainer.train()
+    assert trainer.state.global_step == 2
+    callback = CiuicCallback(activations="int8")
+    unscoped = build(tmp_path / "unscoped", [callback], max_steps=2, trainer_class=InnerCallTrainer)
+    callback.detach()  # without the scope around training_step the compression never ran: refused
+    with pytest.raises(InertTechniqueError):
+        unscoped.train()
