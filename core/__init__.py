@@ -14,6 +14,12 @@ This package imports no training framework; the Lightning and Hugging Face adapt
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .logging_filters import quiet_bitsandbytes
+
+quiet_bitsandbytes()  # before anything imports bitsandbytes: it logs a known-harmless line on import
+
+# ruff: noqa: E402  (the filter above must be installed before these imports run)
+
 from .api import CiuicHandle, apply_, build_optimizer, handle_of, remove_, saved_config, step_scope
 from .config import CiuicConfig
 from .errors import ApplyError, CiuicError, ConfigError, TechniqueUnavailableError, UnknownTechniqueError

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import warnings
 from collections.abc import Sequence
@@ -98,8 +97,6 @@ def _run_demo(args: argparse.Namespace) -> None:
     warnings.filterwarnings("ignore", module=r"peft(\.|$)")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers(\.|$)")
     warnings.filterwarnings("ignore", message="ciuic.apply_:")  # the report below lists the skips
-    # bitsandbytes logs that an optional hub kernel package is missing; its CPU path runs anyway.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     result = run_demo(
         config,
         steps=args.steps,

@@ -194,7 +194,7 @@ class CiuicConfig:
 
     PRESETS: ClassVar[tuple[str, ...]] = PRESET_NAMES
 
-    def __init__(self, **values: Any) -> None:
+    def __init__(self, /, **values: Any) -> None:
         specs = {spec.name: spec for spec in fields()}
         unknown = [key for key in values if key not in specs]
         if unknown:

@@ -11,7 +11,13 @@ stays exact:
   bits (:data:`~ciuic.activations.options.DEFAULT_RULES`);
 - ``offload={"activations"}``: what is saved (compressed or not) goes to host memory, pinned
   and on a side stream on CUDA, and comes back one block ahead in backward;
-- ``checkpointing``: ``'full'``, every N-th block, or ``'auto'`` (fits ``budget``).
+- ``checkpointing``: ``'full'``, every N-th block, or ``'auto'`` (fits ``budget``, decided at
+  the first training forward of the model or of any module that holds its blocks).
+
+The hooks switch on in the root module's forward. A trainer whose step calls an inner module
+(``self.model(...)`` in a ``LightningModule.training_step``) wraps the step in the record's
+``scope()`` instead; a backward that the hooks never saw raises
+:class:`~ciuic.errors.InertTechniqueError` rather than leaving the step silently uncompressed.
 
 Example:
     >>> import torch, ciuic

@@ -270,8 +270,8 @@ class SavedTensorHooks:
             f"trainable parameters of {type(self.model).__name__} (e.g. {first!r}) but ciuic's "
             f"saved-tensor hooks were never entered, so nothing was compressed or offloaded: the "
             f"step did not call the model ciuic was applied to in training mode. Wrap the step in "
-            f"the handle's step scope (`with record.scope(): ...`), apply ciuic to the module the "
-            f"step calls, or call model.train() before the step."
+            f"the step scope (`with ciuic.step_scope(model): ...`, or `handle.step_scope()`), apply "
+            f"ciuic to the module the step calls, or call model.train() before the step."
         )
 
     def _scopes(self, block_ids: set[int], last: int | None = None) -> Iterator[tuple[str, nn.Module, Scope]]:

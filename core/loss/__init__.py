@@ -63,6 +63,10 @@ class LossOptions(TechniqueOptions):
         kind: ``'standard'`` (the model's own loss) or ``'chunked'``
             (:func:`linear_cross_entropy`, never holding the full logits).
         chunk_bytes: Byte target of one chunk's logits.
+        training_logits: Also return (detached) logits in training, for trainers that read
+            ``outputs.logits`` from the training forward; costs one ``(tokens, vocab)`` tensor in
+            the head's dtype (never the fp32 copy, softmax or gradient). Evaluation always
+            returns logits.
 
     Example:
         >>> LossOptions.from_value("loss", {"kind": "chunked", "chunk_bytes": 2**26}).chunk_bytes
@@ -74,6 +78,7 @@ class LossOptions(TechniqueOptions):
 
     kind: str = "standard"
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    training_logits: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in ("standard", "chunked"):
@@ -86,17 +91,27 @@ class LossOptions(TechniqueOptions):
             raise ConfigError(
                 f"chunk_bytes={self.chunk_bytes!r} is not allowed. Allowed: an int number of bytes >= 1."
             )
+        if not isinstance(self.training_logits, bool):
+            raise ConfigError(
+                f"training_logits={self.training_logits!r} is not allowed. Allowed: True or False."
+            )
 
 
-def apply_chunked_loss(model: nn.Module, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Applied:
+def apply_chunked_loss(
+    model: nn.Module, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES, training_logits: bool = False
+) -> Applied:
     """Shim kept for existing code: ``ciuic.apply_(model, CiuicConfig(loss={"kind": "chunked",
-    "chunk_bytes": chunk_bytes}))``, returning the loss record (its ``undo()`` is ``remove_``)."""
-    options = LossOptions(kind="chunked", chunk_bytes=chunk_bytes)
+    "chunk_bytes": ..., "training_logits": ...}))``, returning the loss record (its ``undo()`` is
+    ``ciuic.remove_``)."""
+    options = LossOptions(kind="chunked", chunk_bytes=chunk_bytes, training_logits=training_logits)
     return apply_technique_(model, CiuicConfig(loss=options), "loss")
 
 
 def _install(model: nn.Module, config: CiuicConfig) -> Applied:
-    return install_chunked_loss(model, chunk_bytes=config.loss.chunk_bytes)
+    options = config.loss
+    return install_chunked_loss(
+        model, chunk_bytes=options.chunk_bytes, training_logits=options.training_logits
+    )
 
 
 def _loss_value(value: Any) -> Any:
@@ -107,7 +122,8 @@ FIELD = register_field(
     FieldSpec(
         name="loss",
         doc="Causal-LM loss: 'standard' (the model's own) or 'chunked' (linear + cross-entropy in "
-        "chunks, never holding the full logits). A mapping sets more options: {kind, chunk_bytes} "
+        "chunks, never holding the full logits). A mapping sets more options: {kind, chunk_bytes, "
+        "training_logits} "
         "(see ciuic.loss.LossOptions).",
         allowed="'standard', 'chunked', or a mapping of LossOptions fields",
         default=LossOptions(),

@@ -60,7 +60,8 @@ def build_ciuic_adamw(
 ) -> CiuicAdamW:
     """The registered optimizer factory: ``config`` sets ``state_bits``, ``step_in_backward`` and
     ``offload``; ``kwargs`` are the other :class:`CiuicAdamW` arguments (``lr``, ``betas``, ``eps``,
-    ``weight_decay``, ``min_quantized_numel``, ``accumulation_steps``, ``fp32_states``).
+    ``weight_decay``, ``min_quantized_numel``, ``accumulation_steps``, ``fp32_states``,
+    ``recoverable``).
 
     Raises:
         ConfigError: ``kwargs`` repeat what the config sets, or name an unknown argument.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import threading
+import warnings
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -65,8 +66,14 @@ class CiuicAdamW(Optimizer):
             dtype. By default they take the parameter's dtype, as ``torch.optim.AdamW``'s do
             (bf16 parameters, bf16 moments: 4 bytes per parameter instead of 8); the update is
             computed in fp32 either way. Refused with ``state_bits`` 8 or 4 (no effect).
+        recoverable: With ``step_in_backward``, keep the undo log described below, so that a
+            failed backward can be undone. ``False`` saves its memory (up to a copy of the
+            trainable parameters and their states, at the end of each backward); a backward
+            that dies then leaves the parameters it reached stepped, with a ``RuntimeWarning``,
+            and :meth:`rollback` raises. Refused without ``step_in_backward`` (no effect).
 
-    Failure and recovery: with ``step_in_backward`` the in-backward updates are transactional.
+    Failure and recovery: with ``step_in_backward`` (and ``recoverable``, the default) the
+    in-backward updates are transactional.
     Before a parameter steps, its value and states are copied into an undo log (host memory when
     offloading; see :mod:`ciuic.optim.undo` for the cost: up to one copy of the trainable
     parameters and their states, held from the backward until ``step()``/``zero_grad()`` or the
@@ -103,15 +110,18 @@ class CiuicAdamW(Optimizer):
         accumulation_steps: int = 1,
         offload: bool = False,
         fp32_states: bool = False,
+        recoverable: bool = True,
     ) -> None:
         _check_hyper(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         _check_modes(state_bits, min_quantized_numel, step_in_backward, accumulation_steps, offload)
         _check_fp32_states(fp32_states, state_bits)
+        _check_recoverable(recoverable, step_in_backward)
         self.state_bits = state_bits
         self.min_quantized_numel = min_quantized_numel
         self.step_in_backward = step_in_backward
         self.accumulation_steps = accumulation_steps
         self.fp32_states = fp32_states
+        self.recoverable = recoverable
         self.placement = Placement(offload=offload)
         self._hooks: list[Any] = []
         # The hooks live on the parameters: remove them when this optimizer is collected.
@@ -120,6 +130,8 @@ class CiuicAdamW(Optimizer):
         self._micro_batch = 0
         self._backward: _Backward | None = None
         self._undo = UndoLog(self.placement)
+        self._unlogged = 0  # updates in this backward without an undo entry (recoverable=False)
+        self._lost = 0  # updates a dead backward left that rollback() must report
         self._lock = threading.RLock()  # a dying backward may be unwound on an autograd thread
         self._group_index: dict[int, int] = {}
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
@@ -173,9 +185,9 @@ class CiuicAdamW(Optimizer):
         try:
             loss = self._run_step(closure)
         except BaseException:
-            self.rollback()
+            self._recover_quietly()  # the original exception propagates
             raise
-        self._undo.clear()  # this step is final
+        self._make_final()
         return loss
 
     def _run_step(self, closure: Callable[[], Any] | None) -> Any:
@@ -198,7 +210,7 @@ class CiuicAdamW(Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As ``torch.optim``'s; also makes the last step final (its undo log is dropped)."""
         self._recover_if_dead()
-        self._undo.clear()
+        self._make_final()
         super().zero_grad(set_to_none=set_to_none)
 
     def rollback(self) -> None:
@@ -225,7 +237,19 @@ class CiuicAdamW(Optimizer):
             >>> torch.equal(model.weight, before), len(opt.state)
             (True, 0)
         """
+        lost = self._restore() + self._lost
+        self._lost = 0
+        if lost:
+            raise ConfigError(
+                f"rollback() could not undo {lost} parameter update(s) made inside the failed backward: "
+                f"this CiuicAdamW was built with recoverable=False and keeps no undo log. Reload the model "
+                f"and optimizer from a checkpoint, or build it with recoverable=True."
+            )
+
+    def _restore(self) -> int:
+        """Undo what the log holds, drop gradients, reset counting; returns updates not undone."""
         with self._lock:
+            lost = self._unlogged
             self.placement.finish()
             self._pending.clear()
             self._undo.restore(self.state)
@@ -233,12 +257,18 @@ class CiuicAdamW(Optimizer):
                 for param in group["params"]:
                     param.grad = None
             self._forget_step()
+            return lost
+
+    def _make_final(self) -> None:
+        """The step that ran is final: drop its undo log."""
+        self._undo.clear()
+        self._unlogged = 0
 
     def _forget_step(self) -> None:
         """Make what ran final and restart counting micro-batches (a loaded state replaces it)."""
         self.placement.finish()
         self._pending.clear()
-        self._undo.clear()
+        self._make_final()
         self._micro_batch = 0
         self._backward = None
 
@@ -246,12 +276,24 @@ class CiuicAdamW(Optimizer):
         """Roll back a backward that died without its end-of-backward callback running."""
         backward = self._backward
         if backward is not None and backward.dead:
-            self.rollback()
+            self._recover_quietly()
+
+    def _recover_quietly(self) -> None:
+        # Runs as a dead backward unwinds (or lazily): it must not raise; rollback() reports.
+        lost = self._restore()
+        if lost:
+            self._lost += lost
+            warnings.warn(
+                f"a backward died after {lost} parameter(s) had stepped in it; CiuicAdamW(recoverable="
+                f"False) cannot undo them (rollback() will raise).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def _refuse_grad_scaler(self) -> None:
         for name in ("grad_scale", "found_inf"):
             self.__dict__.pop(name, None)  # GradScaler deletes them only when step() returns
-        self.rollback()
+        self._recover_quietly()
         raise ConfigError(
             "step_in_backward=True cannot be used with an fp16 torch.amp.GradScaler: each parameter "
             "steps inside backward with the still-scaled gradient, before the scaler can unscale it "
@@ -348,8 +390,10 @@ class CiuicAdamW(Optimizer):
     def _update(self, staged: Staged, group: dict[str, Any]) -> None:
         param = staged.param
         state = self.state[param]
-        if self.step_in_backward:
+        if self.step_in_backward and self.recoverable:
             self._undo.record(param, staged.work_param, state)
+        elif self.step_in_backward:
+            self._unlogged += 1
         if not state:
             state.update(self._new_state(param))
         state["step"] += 1
@@ -439,7 +483,7 @@ class CiuicAdamW(Optimizer):
                     f"non-reentrant checkpointing (use_reentrant=False) or accumulation_steps=1."
                 )
             return
-        self._undo.clear()  # the previous backward finished: its step is final
+        self._make_final()  # the previous backward finished
         self._backward = _Backward(task)
         callback = _EndOfBackward(weakref.ref(self), self._backward)
         # The engine drops the callback uncalled when the backward dies: that is the signal.
@@ -552,6 +596,16 @@ def _check_fp32_states(fp32_states: Any, state_bits: int) -> None:
         )
 
 
+def _check_recoverable(recoverable: Any, step_in_backward: bool) -> None:
+    if not isinstance(recoverable, bool):
+        raise ConfigError(f"recoverable={recoverable!r} is invalid: give True or False.")
+    if not recoverable and not step_in_backward:
+        raise ConfigError(
+            "recoverable=False has no effect with step_in_backward=False (parameters only change in "
+            "step(), after backward, and no undo log is kept): leave recoverable=True."
+        )
+
+
 def _check_modes(
     state_bits: Any, min_quantized_numel: Any, step_in_backward: Any, accumulation_steps: Any, offload: Any
 ) -> None:
@@ -625,7 +679,7 @@ def _callback_dropped(optimizer: weakref.ref[CiuicAdamW], backward: _Backward) -
     backward.dropped = True
     opt = optimizer()
     if opt is not None and opt._backward is backward and backward.dead:
-        opt.rollback()  # the backward died: undo its updates as the exception unwinds
+        opt._recover_quietly()  # the backward died: undo its updates as the exception unwinds
 
 
 def _remove_hooks(handles: list[Any]) -> None:

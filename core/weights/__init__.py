@@ -28,6 +28,7 @@ from torch import nn
 
 from ciuic.api import apply_technique_
 from ciuic.config import CiuicConfig, FieldSpec, register_field
+from ciuic.errors import ConfigError
 from ciuic.registry import Applied, Technique, register_technique
 
 from .experts import QuantizedExperts, fused_experts_layout_problem
@@ -69,6 +70,11 @@ def quantize_(model: nn.Module, options: WeightOptions) -> Applied:
     Returns the weights record of the handle ``apply_`` stored on the model; its ``undo()`` is
     ``ciuic.remove_(model)``. Applying again, through this or ``apply_``, is refused.
     """
+    if not options.enabled:
+        raise ConfigError(
+            "format='none' with prune=None converts nothing. Allowed: a format in 'int8', 'nf4', 'fp4', "
+            "a prune pattern such as '2:4', or head/embeddings='int8' or 'nf4'."
+        )
     return apply_technique_(model, CiuicConfig(weights=options), "weights")
 
 
@@ -81,13 +87,18 @@ FIELD = register_field(
         name="weights",
         doc="Storage of frozen base weights: 'none' keeps them as loaded; 'int8' (LLM.int8), 'nf4' or "
         "'fp4' (4-bit, QLoRA) quantize them in place with bitsandbytes. A mapping sets more options: "
-        "{format, double_quant, quantize_head, freeze, skip, prune} (see ciuic.weights.WeightOptions).",
+        "{format, double_quant, head, embeddings, freeze, skip, prune} (see ciuic.weights.WeightOptions).",
         allowed="'none', 'int8', 'nf4', 'fp4', or a mapping of WeightOptions fields",
         default=WeightOptions(format="none"),
         normalize=WeightOptions.from_value,
         to_plain=_weights_value,
         order=10,
-        presets={"balanced": WeightOptions(format="nf4"), "max": WeightOptions(format="nf4")},
+        # max also stores a frozen lm_head and the input embeddings in 8 bits: at 7B they are 2.03
+        # of the 5.52 GiB of NF4 weights (issue #10, 9b).
+        presets={
+            "balanced": WeightOptions(format="nf4"),
+            "max": WeightOptions(format="nf4", head="int8", embeddings="int8"),
+        },
     )
 )
 

@@ -26,14 +26,17 @@ class Codec:
 
     Attributes:
         format: ``'nf4'``, ``'fp4'`` or ``'int8'``.
+        block: Elements per block when not the format's default (:data:`BLOCKSIZE`); a power
+            of two >= 64, as bitsandbytes takes.
     """
 
     format: str
+    block: int | None = None
 
     @property
     def blocksize(self) -> int:
         """Elements per block (one fp32 scale each)."""
-        return BLOCKSIZE[self.format]
+        return self.block or BLOCKSIZE[self.format]
 
     def packed_numel(self, numel: int) -> int:
         """Bytes of packed data for ``numel`` values (4-bit formats hold two per byte)."""

@@ -119,8 +119,9 @@ class WeightOptions(TechniqueOptions):
 
     @property
     def enabled(self) -> bool:
-        """Whether anything is converted (a format, or pruning alone)."""
-        return self.format != "none" or self.prune is not None or self.head != "none" or self.embeddings != "none"
+        """Whether anything is converted (a format, pruning, or the head/embedding tables)."""
+        tables = self.head != "none" or self.embeddings != "none"
+        return self.format != "none" or self.prune is not None or tables
 
     @property
     def quantized(self) -> bool:

@@ -11,7 +11,9 @@ gives that transient dense weight to a loss that computes the logits itself (the
 loss). When the head is tied to the embeddings (``tie_word_embeddings``) both modules hold the
 same code and scale tensors, so the table is stored once, as it was dense.
 
-Storage per weight: 8.125 bits for ``'int8'`` (256-element blocks), 4.5 for ``'nf4'`` (64).
+Storage per weight: 8.125 bits for ``'int8'`` (256-element blocks), 4.5 for ``'nf4'`` (64); a
+row shorter than a block, or not a multiple of one, takes the largest power-of-two block from 64
+up that divides it (int8 with rows of 64: 8.5 bits).
 """
 
 from __future__ import annotations
@@ -21,14 +23,26 @@ from torch import nn
 
 from .functional import Codec, frozen_linear
 
+MIN_BLOCK = 64
+"""The smallest block bitsandbytes' block-wise quantization takes."""
+
+
+def table_codec(weight: torch.Tensor, format: str) -> Codec:
+    """The codec of a ``(rows, cols)`` table: the format's block size, or the largest smaller
+    power of two (down to :data:`MIN_BLOCK`) that divides a row, so blocks never span rows."""
+    block = Codec(format).blocksize
+    while block > MIN_BLOCK and weight.shape[-1] % block:
+        block //= 2
+    return Codec(format) if block == Codec(format).blocksize else Codec(format, block)
+
 
 def table_layout_problem(weight: torch.Tensor, format: str) -> str | None:
     """Why a ``(rows, cols)`` table cannot be stored row by row in ``format``, or None."""
     if weight.dim() != 2:
         return f"weight is {weight.dim()}-D, not 2-D"
-    block = Codec(format).blocksize
+    block = table_codec(weight, format).blocksize
     if weight.shape[1] % block:
-        return f"rows of {weight.shape[1]} weights are not a multiple of the {format} block size {block}"
+        return f"rows of {weight.shape[1]} weights are not a multiple of the smallest {format} block {block}"
     return None
 
 
@@ -58,7 +72,7 @@ class _QuantizedTable(nn.Module):
         problem = table_layout_problem(weight, format)
         if problem is not None:
             raise ValueError(f"cannot store this weight in {format!r}: {problem}.")
-        self.codec = Codec(format)
+        self.codec = table_codec(weight, format)
         self.shape = weight.shape
         self.dtype = weight.dtype
         if shared is not None:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import ciuic
+from ciuic import ConfigError
 from ciuic.errors import ApplyError
 from ciuic.loss import apply_chunked_loss, chunk_rows
 from tests.models import deepseek_v3, lora, progressions, qwen2
@@ -218,7 +219,8 @@ def test_training_logits_are_the_models_own_and_detached() -> None:
 
 @pytest.mark.parametrize("value", [1, "yes", None])
 def test_bad_training_logits(value: Any) -> None:
-    with pytest.raises(ApplyError, match=f"training_logits={value!r} is not allowed: give True or False"):
+    message = rf"training_logits={value!r} is not allowed. Allowed: True or False"
+    with pytest.raises(ConfigError, match=message):
         apply_chunked_loss(qwen2(), training_logits=value)
 
 
@@ -292,14 +294,20 @@ def test_a_model_without_lm_head_is_refused() -> None:
         ciuic.apply_(nn.Sequential(nn.Linear(4, 4)), CHUNKED)
 
 
-def test_applying_twice_is_refused() -> None:
+def test_applying_twice_is_refused_whichever_door() -> None:
     model = qwen2()
     apply_chunked_loss(model)
-    with pytest.raises(ApplyError, match="already patched"):
+    with pytest.raises(ApplyError, match="already applied"):
+        apply_chunked_loss(model)
+    with pytest.raises(ApplyError, match="already applied"):
+        ciuic.apply_(model, CHUNKED)
+    ciuic.remove_(model)
+    ciuic.apply_(model, CHUNKED)
+    with pytest.raises(ApplyError, match="already applied"):
         apply_chunked_loss(model)
 
 
 @pytest.mark.parametrize("chunk_bytes", [0, -1, 1.5, True])
 def test_bad_chunk_bytes(chunk_bytes: Any) -> None:
-    with pytest.raises(ApplyError, match=f"chunk_bytes={chunk_bytes!r} is not allowed"):
+    with pytest.raises(ConfigError, match=f"chunk_bytes={chunk_bytes!r} is not allowed"):
         apply_chunked_loss(qwen2(), chunk_bytes=chunk_bytes)

@@ -268,6 +268,10 @@ EFFECTS: dict[str, tuple[dict[str, Any], Callable[[nn.Module, CiuicAdamW, Memory
         lambda m, o, meter, ref: all(s["step"] == 1 for s in o.state.values()),  # 2 backwards, 1 update
     ),
     "fp32_states": ({"fp32_states": True}, lambda m, o, meter, ref: _bf16_moments_dtype(fp32_states=True)),
+    "recoverable": (
+        {"step_in_backward": True, "recoverable": False},
+        lambda m, o, meter, ref: meter.peak_by_category["optimizer"] == _state_bytes(o),  # no undo log
+    ),
     "offload": (
         {"offload": True},
         lambda m, o, meter, ref: meter.peak_offloaded_bytes >= _state_bytes(o) > 0 and same_bits(m, ref),
@@ -290,6 +294,8 @@ INVALID: list[tuple[dict[str, Any], str]] = [
     ({"accumulation_steps": 2}, "only applies with step_in_backward=True"),
     ({"offload": "optimizer"}, "offload='optimizer'.*True or False"),
     ({"fp32_states": 1}, "fp32_states=1 is invalid"),
+    ({"step_in_backward": True, "recoverable": None}, "recoverable=None is invalid"),
+    ({"recoverable": False}, "no effect with step_in_backward=False"),
     ({"state_bits": 8, "fp32_states": True}, "no effect with state_bits=8"),
 ]
 

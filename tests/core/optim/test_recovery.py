@@ -141,6 +141,21 @@ def test_failed_backward_is_undone_and_the_retry_equals_an_uninterrupted_step(
     assert states_equal(opt, ref)
 
 
+def test_without_the_undo_log_a_failure_is_reported_and_the_next_step_runs() -> None:
+    model, loss = regression()
+    opt = CiuicAdamW(model.parameters(), step_in_backward=True, recoverable=False)
+    window(model, loss, opt, 0)
+    trap = Trap(opt)
+    with pytest.warns(RuntimeWarning, match="2 parameter.*recoverable=False"), pytest.raises(Boom):
+        backward_trapped_at_the_middle_layer(model, loss, 1, trap)
+    with pytest.raises(ConfigError, match=r"could not undo 2 parameter.*recoverable=True"):
+        opt.rollback()
+    opt.rollback()  # reported once
+    assert opt._micro_batch == 0 and all(p.grad is None for p in model.parameters())
+    window(model, loss, opt, 1)  # it runs; the last layer had stepped once more, as reported
+    assert sorted(s["step"] for s in opt.state.values()) == [2, 2, 2, 2, 3, 3]
+
+
 def test_a_closure_that_raises_is_rolled_back_by_step() -> None:
     model, loss = regression()
     opt = CiuicAdamW(model.parameters(), state_bits=8, step_in_backward=True)

@@ -10,7 +10,7 @@ from torch import nn
 
 import ciuic
 from ciuic import ApplyError, CiuicConfig
-from ciuic.weights import QuantizedExperts, WeightOptions, quantize_
+from ciuic.weights import QuantizedExperts, WeightOptions, convert_weights, quantize_
 from ciuic.weights.linear import is_bnb_linear
 from tests.core.weights.helpers import HIDDEN, frozen_deepseek, frozen_qwen2
 from tests.models import deepseek_v3, progressions, qwen2
@@ -105,8 +105,10 @@ def test_model_loaded_with_bitsandbytes_config_is_left_alone() -> None:
 def test_converting_a_converted_model_again_finds_nothing_and_says_why() -> None:
     model = frozen_deepseek()
     first = quantize_(model, WeightOptions(format="int8"))
+    with pytest.raises(ApplyError, match="already applied to this DeepseekV3ForCausalLM"):
+        quantize_(model, WeightOptions(format="nf4"))  # the door that shares apply_'s handle
     with pytest.raises(ApplyError, match="already stored by bitsandbytes/ciuic"):
-        quantize_(model, WeightOptions(format="nf4", skip=("lm_head",)))
+        convert_weights(model, WeightOptions(format="nf4", skip=("lm_head",)))  # the raw conversion
     first.undo()
     assert not any(is_bnb_linear(m) for m in model.modules())
 

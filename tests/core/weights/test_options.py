@@ -6,9 +6,10 @@ import dataclasses
 import pickle
 
 import pytest
+import torch
 
 from ciuic import ConfigError
-from ciuic.weights import WeightOptions
+from ciuic.weights import WeightOptions, quantize_
 
 INVALID = {
     "format": ["int4", "NF4", None],
@@ -34,10 +35,12 @@ def test_every_field_has_invalid_examples() -> None:
     assert set(INVALID) == {f.name for f in dataclasses.fields(WeightOptions)}
 
 
-def test_format_none_needs_pruning() -> None:
-    with pytest.raises(ConfigError, match="converts nothing"):
-        WeightOptions(format="none")
+def test_format_none_without_pruning_is_off_and_the_shim_refuses_it() -> None:
+    assert not WeightOptions(format="none").enabled
+    assert WeightOptions(format="none", prune="2:4").enabled
     assert not WeightOptions(format="none", prune="2:4").quantized
+    with pytest.raises(ConfigError, match="converts nothing"):
+        quantize_(torch.nn.Sequential(torch.nn.Linear(4, 4)), WeightOptions(format="none"))
 
 
 def test_quantize_head_is_an_alias_of_head_int8_and_a_contradiction_is_refused() -> None:

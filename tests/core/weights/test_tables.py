@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ciuic import ApplyError, MemoryMeter
-from ciuic.weights import WeightOptions, quantize_, snr_db
+from ciuic.weights import WeightOptions, convert_weights, quantize_, snr_db
 from ciuic.weights.tables import QuantizedEmbedding, QuantizedHead
 from tests.core.weights.helpers import (
     ATTENTION_TARGETS,
@@ -163,15 +163,20 @@ def test_converting_again_leaves_the_stored_tables_as_they_are() -> None:
     with pytest.raises(
         ApplyError, match=r"model.embed_tokens, lm_head: already stored by bitsandbytes/ciuic"
     ):
-        quantize_(model, WeightOptions(format="none", head="int8", embeddings="int8"))
+        convert_weights(model, WeightOptions(format="none", head="int8", embeddings="int8"))
     first.undo()
     assert type(model.lm_head) is nn.Linear and type(model.model.embed_tokens) is nn.Embedding
 
 
-def test_rows_not_a_multiple_of_the_block_size_are_skipped_with_the_reason() -> None:
+def test_short_rows_take_a_smaller_block_and_odd_rows_are_skipped_with_the_reason() -> None:
     from tests.models import qwen2
 
-    model = qwen2(hidden_size=64).requires_grad_(False)  # int8 blocks hold 256 weights
-    applied = quantize_(model, WeightOptions(format="nf4", head="int8", embeddings="int8"))
-    reason = "rows of 64 weights are not a multiple of the int8 block size 256"
-    assert ("model.embed_tokens, lm_head", reason) in applied.skipped
+    model = qwen2(hidden_size=64).requires_grad_(False)  # int8 blocks hold 256 weights by default
+    quantize_(model, WeightOptions(format="nf4", head="int8", embeddings="int8"))
+    assert model.lm_head.codec.blocksize == 64
+    assert model.lm_head.weight_absmax.shape == (64, 1)
+    odd = nn.Sequential(nn.Embedding(16, 96)).requires_grad_(False)  # 96 = 32 * 3: no block >= 64 divides it
+    from ciuic.weights.tables import table_layout_problem
+
+    problem = table_layout_problem(odd[0].weight, "int8")
+    assert problem == "rows of 96 weights are not a multiple of the smallest int8 block 64"
