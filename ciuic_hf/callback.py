@@ -29,9 +29,10 @@ import ciuic
 from ciuic import CiuicHandle
 from ciuic.config import CiuicConfig
 from ciuic.errors import ApplyError, ConfigError
+from ciuic.units import format_bytes
 
 from .checks import check_trainer_optimizer, check_training_args
-from .memory import PeakMemory
+from .memory import PEAK_KEY, PeakMemory
 from .optimizer import as_config
 from .state import load_states, save_states
 from .trainer import TrainerHooks, calling_trainer
@@ -147,9 +148,13 @@ class CiuicCallback(TrainerCallback):
         if self.memory is None or logs is None or not ({"loss", "train_loss"} & set(logs)):
             return
         entries = self.memory.entries()
+        if not entries:
+            return
         logs.update(entries)
-        if entries and state.log_history and state.log_history[-1].get("step") == state.global_step:
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(entries)
+        if self.hooks is not None:
+            self.hooks.show_on_progress_bar(f"peak {format_bytes(entries[PEAK_KEY])}")
 
     # -- helpers ----------------------------------------------------------------------------
     def detach(self) -> None:

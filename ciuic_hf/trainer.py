@@ -129,3 +129,10 @@ class TrainerHooks:
         with contextlib.suppress(ValueError):
             callbacks.remove(callback)
             callbacks.insert(0, callback)
+
+    def show_on_progress_bar(self, text: str) -> None:
+        """Show ``text`` after the step counter of the ``Trainer``'s progress bar (if it has one)."""
+        for callback in self.trainer.callback_handler.callbacks:
+            bar = getattr(callback, "training_bar", None)
+            if bar is not None and hasattr(bar, "set_postfix_str"):
+                bar.set_postfix_str(text)

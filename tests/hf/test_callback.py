@@ -5,12 +5,13 @@ memory in the logs. Few steps each: these check behavior, the acceptance tests c
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import ciuic
 from ciuic.errors import ApplyError, ConfigError, InertTechniqueError
@@ -273,11 +274,28 @@ def test_bitsandbytes_loaded_model_is_not_quantized_twice(tmp_path: Path) -> Non
     assert any("already quantized by transformers" in why for _, why in record.skipped)
 
 
-def test_memory_meter_in_the_logs(tmp_path: Path) -> None:
-    callback = CiuicCallback("balanced", memory="meter")
-    trainer = build(tmp_path, [callback], max_steps=2, logging_steps=1)
-    assert trainer.callback_handler.callbacks[0] is callback  # its log entries reach every logger after it
+class LogRecorder(TrainerCallback):
+    """Stands for a ``report_to`` logger: what its ``on_log`` receives."""
+
+    def __init__(self) -> None:
+        self.logs: list[dict[str, Any]] = []
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        if logs is not None and "loss" in logs:
+            self.logs.append(dict(logs))
+
+
+def test_memory_meter_in_the_logs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    callback, logger = CiuicCallback("balanced", memory="meter"), LogRecorder()
+    trainer = build(tmp_path, [logger, callback], max_steps=2, logging_steps=1, disable_tqdm=False)
+    assert trainer.callback_handler.callbacks[0] is callback  # before the report_to loggers, as here
     trainer.train()
+    assert [entry[PEAK_KEY] for entry in logger.logs] == [e[PEAK_KEY] for e in trainer.state.log_history[:2]]
+    shown = capsys.readouterr()
+    assert "'ciuic/peak_bytes': " in shown.out  # printed with the loss
+    assert re.search(r"2/2 \[[^\]]*, peak [\d.]+ (KiB|MiB)\]", shown.err), shown.err[
+        -500:
+    ]  # the bar's postfix
     entries = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(entries) == 2
     for entry in entries:
