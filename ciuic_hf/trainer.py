@@ -25,8 +25,10 @@ import os
 from typing import Any
 
 from ciuic import CiuicHandle
+from ciuic.config import CiuicConfig
+from ciuic.errors import ConfigError
 
-from .optimizer import asks_for_ciuic_optimizer, optimizer_cls_and_kwargs
+from .optimizer import CiuicOptimizer, asks_for_ciuic_optimizer, optimizer_cls_and_kwargs
 
 _STACK_DEPTH = 16
 """How many frames above the callback to look for the ``Trainer`` whose constructor runs."""
@@ -88,6 +90,27 @@ def _checkpoint_dir(resume: Any, hooks: TrainerHooks) -> str | None:
     return str(os.fspath(resume))
 
 
+def _check_given_route(given: Any, config: CiuicConfig) -> None:
+    """Refuse a ``Trainer(optimizer_cls_and_kwargs=...)`` that builds another optimizer than ``config``'s."""
+    cls, kwargs = given
+    if cls is CiuicOptimizer:
+        if kwargs.get("config") != config:
+            raise ConfigError(
+                "Trainer(optimizer_cls_and_kwargs=ciuic_hf.optimizer_cls_and_kwargs(...)) got another config "
+                "than CiuicCallback: give both the same one (or drop optimizer_cls_and_kwargs: the "
+                "callback sets it)."
+            )
+        return
+    asks = asks_for_ciuic_optimizer(config)
+    if asks:
+        name = getattr(cls, "__name__", cls)
+        raise ConfigError(
+            f"Trainer(optimizer_cls_and_kwargs=({name}, ...)) builds another optimizer than the config "
+            f"asks for ({', '.join(asks)}): drop it (CiuicCallback sets the route), or set "
+            f"optimizer='adamw', step_in_backward=False and no 'optimizer' offload."
+        )
+
+
 class TrainerHooks:
     """What the callback set on one ``Trainer`` instance (see the module docstring)."""
 
@@ -102,11 +125,10 @@ class TrainerHooks:
         """Set the optimizer route, the step scope and the ``train`` wrapper on the trainer."""
         trainer = self.trainer
         config = self.handle.config
-        if (
-            trainer.optimizer is None
-            and trainer.optimizer_cls_and_kwargs is None
-            and asks_for_ciuic_optimizer(config)
-        ):
+        given = trainer.optimizer_cls_and_kwargs
+        if given is not None:
+            _check_given_route(given, config)
+        elif trainer.optimizer is None and asks_for_ciuic_optimizer(config):
             trainer.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs(config, trainer.args)
             self.set_optimizer = True
         trainer.training_step = ScopedTrainingStep(trainer.training_step, self.handle)

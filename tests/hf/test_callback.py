@@ -77,6 +77,17 @@ def test_optimizer_cls_and_kwargs_route(tmp_path: Path) -> None:
     trainer.callback_handler.on_train_begin(trainer.args, trainer.state, trainer.control)  # passes the check
 
 
+def test_other_optimizer_route_is_refused(tmp_path: Path) -> None:
+    route = (torch.optim.SGD, {"lr": 0.1})
+    with pytest.raises(
+        ConfigError, match=r"optimizer_cls_and_kwargs=\(SGD, \.\.\.\)\) builds another optimizer"
+    ):
+        build(tmp_path, [CiuicCallback("balanced")], trainer_kwargs={"optimizer_cls_and_kwargs": route})
+    other = optimizer_cls_and_kwargs("max", arguments(tmp_path))
+    with pytest.raises(ConfigError, match="got another config than CiuicCallback"):
+        build(tmp_path, [CiuicCallback("balanced")], trainer_kwargs={"optimizer_cls_and_kwargs": other})
+
+
 def test_prebuilt_optimizer_is_kept(tmp_path: Path) -> None:
     """``Trainer(optimizers=(CiuicAdamW(...), None))``: apply first, build, and CiuicCallback()."""
     model = lora(deepseek_v3())
