@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ciuic
 from ciuic import CiuicConfig
-from ciuic.activations import DEFAULT_RULES, ActivationOptions, CodecRule, apply_activations
+from ciuic.activations import DEFAULT_RULES, ActivationOptions, CodecRule
 from tests.core.activations.figures import Step, cosine, lora_step
 from tests.models import deepseek_v3, lora, progressions
 
@@ -44,22 +44,20 @@ CONFIGS: dict[str, CiuicConfig] = {
     "int4+offload": CiuicConfig(activations="int4", offload={"activations"}),
     "checkpoint full": CiuicConfig(checkpointing="full"),
     "int8+full+offload": CiuicConfig(activations="int8", checkpointing="full", offload={"activations"}),
-}
-EXTRA: dict[str, ActivationOptions] = {
     # the default rules and attention at 4 bits at least
-    "int2, attention 4-bit": ActivationOptions(
-        rules=(*DEFAULT_RULES, CodecRule("int4", types=("*Attention",)))
+    "int2, attention 4-bit": CiuicConfig(
+        activations=ActivationOptions(
+            codec="int2", rules=(*DEFAULT_RULES, CodecRule("int4", types=("*Attention",)))
+        )
     ),
     # no rule at all, weight copies at 2 bits too: every tensor 2-bit
-    "int2, naive": ActivationOptions(rules=(), weight_copies="int2"),
+    "int2, naive": CiuicConfig(activations=ActivationOptions(codec="int2", rules=(), weight_copies="int2")),
 }
 
 
 def build(name: str) -> nn.Module:
     model = lora(deepseek_v3())
-    if name in EXTRA:
-        apply_activations(model, CiuicConfig(activations="int2"), EXTRA[name])
-    elif CONFIGS[name].requested():
+    if CONFIGS[name].requested():
         ciuic.apply_(model, CONFIGS[name])
     return model
 
@@ -95,7 +93,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     ids = progressions(batch_size=2, seq_len=args.seq_len)
-    names = [*CONFIGS, *EXTRA]
+    names = list(CONFIGS)
     models = {name: build(name) for name in names}
     steps: dict[str, Step] = {name: lora_step(model, ids) for name, model in models.items()}
     ratios = step_time_ratios(models, ids, args.repeats)

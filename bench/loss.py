@@ -27,7 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ is not installed
 
-from ciuic.loss import apply_chunked_loss, linear_cross_entropy, reference_linear_cross_entropy
+import ciuic
+from ciuic.loss import LossOptions, linear_cross_entropy, reference_linear_cross_entropy
 from tests.core.loss.test_hf import TRAINING, train
 from tests.core.loss.test_memory import measure
 
@@ -96,7 +97,8 @@ def parity_table(steps: int, learning_rates: tuple[float, ...]) -> None:
         gaps = []
         for lr in learning_rates:
             standard, chunked = build(), build()
-            apply_chunked_loss(chunked, chunk_bytes=4096)  # 8 tokens a chunk: many chunks per batch
+            chunks = LossOptions(kind="chunked", chunk_bytes=4096)  # 8 tokens a chunk: many per batch
+            ciuic.apply_(chunked, ciuic.CiuicConfig(loss=chunks))
             expected, got = train(standard, steps, lr=lr), train(chunked, steps, lr=lr)
             gaps.append(max(abs(a - b) / b for a, b in zip(got, expected, strict=True)))
         print(f"{name:>38} " + " ".join(f"{gap:>9.1e}" for gap in gaps))

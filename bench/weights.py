@@ -24,7 +24,7 @@ from torch import nn
 import ciuic
 from ciuic import MemoryMeter
 from ciuic.demo import progression_batches, tiny_deepseek_v3
-from ciuic.weights import Codec, WeightOptions, dense_weights, quantize_, quantize_linear, snr_db
+from ciuic.weights import Codec, WeightOptions, dense_weights, quantize_linear, snr_db
 
 HIDDEN = 256
 VARIANTS: dict[str, WeightOptions] = {
@@ -79,7 +79,7 @@ def measure(arch: str, options: WeightOptions) -> dict[str, float]:
     before = [weakref.ref(t) for t in (*model.parameters(), *model.buffers())]
     with MemoryMeter(track=(model,), device="cpu") as meter:
         dense = meter.current_bytes
-        applied = quantize_(model, options)
+        applied = ciuic.apply_(model, ciuic.CiuicConfig(weights=options)).applied[0]
         spike = torch.empty(meter.peak_bytes + 1, dtype=torch.uint8)  # a peak after the conversion
         del spike
     kept = {id(t) for t in (r() for r in before) if t is not None}

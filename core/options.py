@@ -102,6 +102,31 @@ class TechniqueOptions:
             return str(changed[self.SHORTHAND])
         return changed
 
+    @classmethod
+    def field(cls, name: str, doc: str, *, order: int, presets: dict[str, Any], allowed: str) -> Any:
+        """The :class:`ciuic.config.FieldSpec` of a config field holding these options.
+
+        Args:
+            name: The field name (``"weights"``).
+            doc: What the field does (CLI help).
+            order: Its place in ``to_dict``, the help and reports.
+            presets: Its value per preset where not off.
+            allowed: The shorthands allowed, as the error message says them.
+        """
+        from .config import FieldSpec
+
+        where = f"{cls.__module__.rsplit('.', 1)[0]}.{cls.__name__}"
+        return FieldSpec(
+            name=name,
+            doc=f"{doc} A mapping sets more options: {{{', '.join(cls.field_names())}}} (see {where}).",
+            allowed=f"{allowed}, or a mapping of {cls.__name__} fields",
+            default=cls(**{cls.SHORTHAND: cls.OFF}),
+            normalize=cls.from_value,
+            to_plain=_to_value,
+            order=order,
+            presets=presets,
+        )
+
     @property
     def enabled(self) -> bool:
         """Whether these options ask the technique to do anything."""
@@ -122,3 +147,7 @@ class TechniqueOptions:
 
     def __hash__(self) -> int:
         return hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))  # type: ignore[arg-type]
+
+
+def _to_value(options: TechniqueOptions) -> str | dict[str, Any]:
+    return options.to_value()

@@ -5,10 +5,15 @@
 - ``qwen2`` (the DeepSeek-R1-Distill-Qwen shape) and ``llama`` (R1-Distill-Llama).
 - ``progressions``: a learnable next-token task (arithmetic progressions mod the vocabulary).
 - ``lora``: PEFT LoRA on the attention and MLP projections.
+- ``COPIES``: deepcopy, pickle and torch.save round trips of a model.
 """
 
 from __future__ import annotations
 
+import copy
+import io
+import pickle
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -61,6 +66,25 @@ def lora(model: nn.Module, *, rank: int = 8, targets: tuple[str, ...] = LORA_TAR
     from peft import LoraConfig, get_peft_model
 
     return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets)))
+
+
+def _pickled(obj: Any) -> Any:
+    return pickle.loads(pickle.dumps(obj))
+
+
+def _torch_saved(obj: Any) -> Any:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+COPIES: dict[str, Callable[[Any], Any]] = {
+    "deepcopy": copy.deepcopy,
+    "pickle": _pickled,
+    "torch_save": _torch_saved,
+}
+"""The three ways an applied model is copied: ``copy.deepcopy``, pickling, ``torch.save``/``torch.load``."""
 
 
 def progressions(*, batch_size: int, seq_len: int, vocab_size: int = 64, seed: int = 0) -> torch.Tensor:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import nn
@@ -203,22 +202,13 @@ def _checkpointing(field: str, value: object) -> object:
     raise Invalid("an int N checkpoints every N-th decoder block")
 
 
-def _activations_value(value: Any) -> Any:
-    return value.to_value()
-
-
 FIELDS = (
     register_field(
-        FieldSpec(
-            name="activations",
-            doc="Codec for tensors saved for backward: 'none' keeps them exact; 'fp8', 'int8', 'int4', "
-            "'int2' compress them (the forward pass stays exact). A mapping sets more options: {codec, "
-            "rules, group_size, min_numel, weight_copies, seed, check_finite} (see "
-            "ciuic.activations.ActivationOptions).",
-            allowed="'none', 'fp8', 'int8', 'int4', 'int2', or a mapping of ActivationOptions fields",
-            default=ActivationOptions(),
-            normalize=ActivationOptions.from_value,
-            to_plain=_activations_value,
+        ActivationOptions.field(
+            "activations",
+            "Codec for tensors saved for backward: 'none' keeps them exact; 'fp8', 'int8', 'int4', 'int2' "
+            "compress them (the forward pass stays exact).",
+            allowed="'none', 'fp8', 'int8', 'int4', 'int2'",
             order=20,
             presets={"balanced": ActivationOptions(codec="int8"), "max": ActivationOptions(codec="int4")},
         )

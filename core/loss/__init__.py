@@ -24,12 +24,12 @@ Example:
 """
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from torch import nn
 
 from ciuic.api import apply_technique_
-from ciuic.config import CiuicConfig, FieldSpec, register_field
+from ciuic.config import CiuicConfig, register_field
 from ciuic.errors import ConfigError
 from ciuic.options import TechniqueOptions
 from ciuic.registry import Applied, Technique, register_technique
@@ -114,21 +114,12 @@ def _install(model: nn.Module, config: CiuicConfig) -> Applied:
     )
 
 
-def _loss_value(value: Any) -> Any:
-    return value.to_value()
-
-
 FIELD = register_field(
-    FieldSpec(
-        name="loss",
-        doc="Causal-LM loss: 'standard' (the model's own) or 'chunked' (linear + cross-entropy in "
-        "chunks, never holding the full logits). A mapping sets more options: {kind, chunk_bytes, "
-        "training_logits} "
-        "(see ciuic.loss.LossOptions).",
-        allowed="'standard', 'chunked', or a mapping of LossOptions fields",
-        default=LossOptions(),
-        normalize=LossOptions.from_value,
-        to_plain=_loss_value,
+    LossOptions.field(
+        "loss",
+        "Causal-LM loss: 'standard' (the model's own) or 'chunked' (linear + cross-entropy in chunks, "
+        "never holding the full logits).",
+        allowed="'standard', 'chunked'",
         order=70,
         presets={"balanced": LossOptions(kind="chunked"), "max": LossOptions(kind="chunked")},
     )

@@ -22,12 +22,10 @@ Example:
     'Linear'
 """
 
-from typing import Any
-
 from torch import nn
 
 from ciuic.api import apply_technique_
-from ciuic.config import CiuicConfig, FieldSpec, register_field
+from ciuic.config import CiuicConfig, register_field
 from ciuic.errors import ConfigError
 from ciuic.registry import Applied, Technique, register_technique
 
@@ -78,20 +76,12 @@ def quantize_(model: nn.Module, options: WeightOptions) -> Applied:
     return apply_technique_(model, CiuicConfig(weights=options), "weights")
 
 
-def _weights_value(value: Any) -> Any:
-    return value.to_value()
-
-
 FIELD = register_field(
-    FieldSpec(
-        name="weights",
-        doc="Storage of frozen base weights: 'none' keeps them as loaded; 'int8' (LLM.int8), 'nf4' or "
-        "'fp4' (4-bit, QLoRA) quantize them in place with bitsandbytes. A mapping sets more options: "
-        "{format, double_quant, head, embeddings, freeze, skip, prune} (see ciuic.weights.WeightOptions).",
-        allowed="'none', 'int8', 'nf4', 'fp4', or a mapping of WeightOptions fields",
-        default=WeightOptions(format="none"),
-        normalize=WeightOptions.from_value,
-        to_plain=_weights_value,
+    WeightOptions.field(
+        "weights",
+        "Storage of frozen base weights: 'none' keeps them as loaded; 'int8' (LLM.int8), 'nf4' or 'fp4' "
+        "(4-bit, QLoRA) quantize them in place with bitsandbytes.",
+        allowed="'none', 'int8', 'nf4', 'fp4'",
         order=10,
         # max also stores a frozen lm_head and the input embeddings in 8 bits: at 7B they are 2.03
         # of the 5.52 GiB of NF4 weights (issue #10, 9b).

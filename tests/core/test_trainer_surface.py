@@ -6,18 +6,13 @@ Every run is the tiny DeepSeek-V3 with PEFT LoRA (PEFT first, then Ciuic), on CP
 
 from __future__ import annotations
 
-import copy
-import io
-import pickle
-from collections.abc import Callable
-
 import pytest
 import torch
 from torch import nn
 
 import ciuic
 from ciuic.errors import InertTechniqueError
-from tests.models import deepseek_v3, lora, progressions
+from tests.models import COPIES, deepseek_v3, lora, progressions
 
 PRESETS = ("balanced", "max")
 
@@ -105,29 +100,15 @@ def test_without_the_scope_the_first_backward_through_a_wrapper_raises(preset: s
         wrapper.training_step(_batch(0)).backward()
 
 
-def _copies() -> dict[str, Callable[[nn.Module], nn.Module]]:
-    def through_torch_save(model: nn.Module) -> nn.Module:
-        buffer = io.BytesIO()
-        torch.save(model, buffer)
-        buffer.seek(0)
-        return torch.load(buffer, weights_only=False)
-
-    return {
-        "deepcopy": copy.deepcopy,
-        "pickle": lambda model: pickle.loads(pickle.dumps(model)),
-        "torch.save": through_torch_save,
-    }
-
-
 @pytest.mark.parametrize(
     ("preset", "how"),
-    [("max", "deepcopy"), ("max", "pickle"), ("max", "torch.save"), ("balanced", "deepcopy")],
+    [("max", "deepcopy"), ("max", "pickle"), ("max", "torch_save"), ("balanced", "deepcopy")],
 )
 def test_a_copy_of_an_applied_model_trains_bitwise_like_the_original(preset: str, how: str) -> None:
     model = _model()
     handle = ciuic.apply_(model, preset)
     _train(model, _optimizer(model, handle.config), range(1))
-    twin = _copies()[how](model)
+    twin = COPIES[how](model)
     twin_handle = ciuic.handle_of(twin)
     assert twin_handle is not None and twin_handle is not handle and twin_handle.model is twin
     losses = _train(model, _optimizer(model, handle.config), range(1, 3))

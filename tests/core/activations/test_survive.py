@@ -4,9 +4,7 @@ step is bitwise the original's, and its hooks act on the copy."""
 from __future__ import annotations
 
 import copy
-import io
 import pickle
-from collections.abc import Callable
 
 import pytest
 import torch
@@ -15,24 +13,11 @@ from torch import nn
 import ciuic
 from ciuic import CiuicConfig
 from ciuic.activations import SavedTensorHooks, checkpointed_indices, find_blocks
-from tests.models import deepseek_v3, lora, progressions
+from tests.models import COPIES, deepseek_v3, lora, progressions
 
 CONFIG = CiuicConfig(activations="int8", offload={"activations"}, checkpointing=2)
 
 
-def _torch_save(model: nn.Module) -> nn.Module:
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
-    buffer.seek(0)
-    loaded: nn.Module = torch.load(buffer, weights_only=False)
-    return loaded
-
-
-COPIES: dict[str, Callable[[nn.Module], nn.Module]] = {
-    "deepcopy": copy.deepcopy,
-    "pickle": lambda model: pickle.loads(pickle.dumps(model)),
-    "torch.save": _torch_save,
-}
 
 
 def _hooks_of(model: nn.Module) -> SavedTensorHooks:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
-import io
-import pickle
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +17,7 @@ import ciuic
 from ciuic import ConfigError
 from ciuic.errors import ApplyError
 from ciuic.loss import apply_chunked_loss, chunk_rows
-from tests.models import deepseek_v3, lora, progressions, qwen2
+from tests.models import COPIES, deepseek_v3, lora, progressions, qwen2
 
 CHUNKED = ciuic.CiuicConfig(loss="chunked")
 SMALL_CHUNKS = 4096  # 8 tokens a chunk at vocabulary 64, hidden 64: every batch walks many chunks
@@ -131,24 +129,6 @@ def test_remove_restores_the_model() -> None:
     assert torch.equal(out.logits, ref.logits) and torch.equal(out.loss, ref.loss)
 
 
-def _pickled(model: nn.Module) -> nn.Module:
-    copied: nn.Module = pickle.loads(pickle.dumps(model))
-    return copied
-
-
-def _torch_saved(model: nn.Module) -> nn.Module:
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
-    buffer.seek(0)
-    copied: nn.Module = torch.load(buffer, weights_only=False)
-    return copied
-
-
-COPIES: dict[str, Callable[[nn.Module], nn.Module]] = {
-    "deepcopy": copy.deepcopy,
-    "pickle": _pickled,
-    "torch_save": _torch_saved,
-}
 
 
 @pytest.mark.parametrize("duplicate", COPIES.values(), ids=list(COPIES))

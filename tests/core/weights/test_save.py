@@ -3,8 +3,6 @@ export (a plain model loads it), and copies (deepcopy, pickle, torch.save of the
 
 from __future__ import annotations
 
-import copy
-import io
 import pickle
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,7 @@ from torch import nn
 from ciuic.weights import QuantizedExperts, WeightOptions, dense_state_dict, quantize_
 from ciuic.weights.linear import is_bnb_linear
 from tests.core.weights.helpers import ATTENTION_TARGETS, frozen_deepseek
-from tests.models import lora, progressions
+from tests.models import COPIES, lora, progressions
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "nf4": {"format": "nf4"},
@@ -132,24 +130,6 @@ def test_dense_export_of_a_peft_model_matches_the_converted_model(variant: str) 
     assert not result.unexpected_keys
     with torch.no_grad():
         torch.testing.assert_close(dense_peft(IDS).logits, converted, rtol=0, atol=1e-5)
-
-
-def _deepcopy(obj: Any) -> Any:
-    return copy.deepcopy(obj)
-
-
-def _pickle(obj: Any) -> Any:
-    return pickle.loads(pickle.dumps(obj))
-
-
-def _torch_save(obj: Any) -> Any:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=False)
-
-
-COPIES = {"deepcopy": _deepcopy, "pickle": _pickle, "torch_save": _torch_save}
 
 
 COPY_CASES = [(v, how) for v in ("nf4", "int8") for how in sorted(COPIES)] + [("head_embeddings", "pickle")]
