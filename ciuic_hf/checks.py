@@ -31,6 +31,7 @@ def check_training_args(config: CiuicConfig, args: Any) -> None:
         ConfigError: naming the argument, its value and the fix.
     """
     _check_optimizer_args(config, args)
+    _check_distributed(config, args)
     _check_checkpointing(config, args)
     _check_compile(config, args)
     _check_trainer_settings(probe(config, args), args, "CiuicConfig(step_in_backward=True)")
@@ -88,6 +89,17 @@ def _check_optimizer_args(config: CiuicConfig, args: Any) -> None:
             f"TrainingArguments(deepspeed=...) builds DeepSpeed's own optimizer, not the one the config "
             f"asks for ({', '.join(asks)}): drop deepspeed=, or set optimizer='adamw', "
             f"step_in_backward=False and no 'optimizer' offload in the CiuicConfig."
+        )
+
+
+def _check_distributed(config: CiuicConfig, args: Any) -> None:
+    world_size = int(getattr(args, "world_size", 1) or 1)
+    if config.step_in_backward and world_size > 1:
+        raise ConfigError(
+            f"CiuicConfig(step_in_backward=True) cannot work with {world_size} processes "
+            f"(TrainingArguments.world_size={world_size}): each parameter would step with its own "
+            f"process's gradient, freed before DDP/FSDP averages it across processes. Set "
+            f"step_in_backward=False (the other fields work distributed), or train on one process."
         )
 
 

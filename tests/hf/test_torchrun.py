@@ -1,5 +1,6 @@
 """The same script under ``torchrun --nproc_per_node 2`` on CPU (gloo): it completes, and every
-rank applied the config, built the config's optimizer and ended with the same LoRA weights."""
+rank applied the config, built the config's optimizer and ended with the same LoRA weights; a
+config stepping in backward is refused there (DDP averages gradients after that step)."""
 
 from __future__ import annotations
 
@@ -32,4 +33,5 @@ def test_two_processes_on_cpu(tmp_path: Path) -> None:
         assert report["wrapped"] == "DistributedDataParallel"
         assert report["optimizer"] == "CiuicAdamW"
         assert len(report["losses"]) == 3
+        assert report["refused"].startswith("CiuicConfig(step_in_backward=True) cannot work with 2 processes")
     assert reports[0]["lora_sum"] == reports[1]["lora_sum"]  # DDP kept the replicas equal

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 import ciuic
+from ciuic.errors import ConfigError
 from ciuic_hf import CiuicCallback
 from tests.hf.common import build, losses
 
@@ -33,7 +34,17 @@ def main(output_dir: Path) -> None:
             sum(p.detach().double().sum() for p in trainer.model.parameters() if p.requires_grad)
         ),
     }
+    report["refused"] = _refused_step_in_backward(output_dir / "refused")
     (output_dir / f"rank-{rank}.json").write_text(json.dumps(report))
+
+
+def _refused_step_in_backward(output_dir: Path) -> str:
+    """The error ``CiuicCallback("max")`` (step in backward) gives with 2 processes."""
+    try:
+        build(output_dir, [CiuicCallback("max")], max_grad_norm=0.0, ddp_backend="gloo")
+    except ConfigError as error:
+        return str(error)
+    return ""
 
 
 if __name__ == "__main__":
