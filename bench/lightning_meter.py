@@ -5,13 +5,14 @@
 Runs the same CiuicStrategy("balanced") LoRA job on the tiny DeepSeek-V3 (CPU, one thread) in
 three forms, interleaved, twice each (the fastest of the two counts):
 without the callback, with it metering every step (``every_n_steps=1``: a MemoryMeter dispatch
-mode around each step), and with its defaults (first 2 steps, then one in 50). Prints the
+mode around each step), and with its defaults (first 2 steps, then one in 100). Prints the
 median step time of each relative to the run without it. The first 3 steps are not timed.
 
 Measured (``python bench/lightning_meter.py --steps 40``, a shared 2-core CPU): metering every
 step 5.38x; the defaults 0.97x (no timed step is metered: that is the noise). Metering every
-step is far over the 10% bound on CPU, hence the sampling: a run of N steps meters 2 + N/50
-of them, about 4.4 * (2 + N/50) / N extra time (13% at 100 steps, 9% at 1,000, 8.8% beyond).
+step is far over the 10% bound on CPU, hence the sampling: a run of N steps meters about
+1 + N/100 of them (steps 0, 1 and every 100th), so 4.4 * (1 + N/100) / N extra time: 9% at
+100 steps, 4.8% at 1,000, 4.4% beyond.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def main() -> None:
     base, every, default = (min(runs[k]) for k in ("base", "every", "default"))
     print(f"median step time relative to no callback ({steps} steps, CPU):")
     print(f"  meter every step        {every / base:.2f}x")
-    print(f"  defaults (2, then 1/50) {default / base:.2f}x")
+    print(f"  defaults (2, then 1/100) {default / base:.2f}x")
 
 
 if __name__ == "__main__":

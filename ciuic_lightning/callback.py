@@ -41,7 +41,7 @@ class CiuicCallback(Callback):
         ...                      accelerator="cpu", logger=False, enable_checkpointing=False)
     """
 
-    def __init__(self, every_n_steps: int = 50, warmup: int = 2, print_table: bool = True) -> None:
+    def __init__(self, every_n_steps: int = 100, warmup: int = 2, print_table: bool = True) -> None:
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps={every_n_steps!r} is not allowed: use an int >= 1.")
         if not isinstance(warmup, int) or warmup < 0:
