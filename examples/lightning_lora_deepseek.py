@@ -147,6 +147,8 @@ def main(argv: list[str] | None = None) -> pl.Trainer:
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--root", default="lightning_logs_ciuic", help="Trainer default_root_dir")
     options = parser.parse_args(argv)
+    if options.model is None and options.accelerator == "cpu":
+        torch.set_num_threads(1)  # the tiny model's ops are too small to gain from more threads
     trainer = pl.Trainer(
         strategy=ciuic_lightning.CiuicStrategy(options.preset),  # the one-line change
         callbacks=[ciuic_lightning.CiuicCallback()],
