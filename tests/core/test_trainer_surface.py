@@ -12,6 +12,7 @@ from torch import nn
 
 import ciuic
 from ciuic.errors import InertTechniqueError
+from ciuic.weights import dense_state_dict
 from tests.models import COPIES, deepseek_v3, lora, progressions
 
 PRESETS = ("balanced", "max")
@@ -121,15 +122,16 @@ def test_a_copy_of_an_applied_model_trains_bitwise_like_the_original(preset: str
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_checkpoint_round_trip_continues_bitwise(preset: str, tmp_path) -> None:
+    """Save model and optimizer at step 10, rebuild from scratch, apply_, load, go on to 20."""
     reference = _model()
     handle = ciuic.apply_(reference, preset)
     reference_opt = _optimizer(reference, handle.config)
-    _train(reference, reference_opt, range(4))
+    _train(reference, reference_opt, range(20))
 
     model = _model()
     ciuic.apply_(model, preset)
     optimizer = _optimizer(model, handle.config)
-    _train(model, optimizer, range(2))
+    _train(model, optimizer, range(10))
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, tmp_path / "ckpt.pt")
     del model, optimizer
 
@@ -140,9 +142,23 @@ def test_checkpoint_round_trip_continues_bitwise(preset: str, tmp_path) -> None:
     assert ciuic.saved_config(checkpoint["model"]) == handle.config
     resumed.load_state_dict(checkpoint["model"])
     resumed_opt.load_state_dict(checkpoint["optimizer"])
-    _train(resumed, resumed_opt, range(2, 4))
+    _train(resumed, resumed_opt, range(10, 20))
     _assert_same(_trainable(resumed), _trainable(reference))
     _assert_same_optimizer(resumed_opt, reference_opt)
+
+
+def test_dense_export_of_an_applied_model_loads_into_a_plain_model() -> None:
+    """The dense export loads into a plain transformers model; its logits match the dequantized
+    model's (the model after remove_)."""
+    model = deepseek_v3().requires_grad_(False)  # a frozen base, as a QLoRA job's before PEFT
+    ciuic.apply_(model, "max")
+    dense = dense_state_dict(model)
+    plain = deepseek_v3(seed=1)
+    plain.load_state_dict(dense, strict=True)
+    ciuic.remove_(model)
+    ids = _batch(0)
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
 def test_update_changes_only_the_techniques_whose_fields_differ() -> None:
