@@ -127,7 +127,7 @@ class CiuicCallback(TrainerCallback):
         folder = self._resume_dir(args, state)
         if folder is None or load_states(self.handle, folder, args.process_index):
             return
-        if any(r.stateful is not None for r in self.handle.applied):
+        if self.handle.technique_states():
             warnings.warn(
                 f"ciuic: the checkpoint {folder} has no ciuic technique states (saved without "
                 f"CiuicCallback?): the run continues, but not bitwise as it would have.",

@@ -20,35 +20,20 @@ import torch
 
 import ciuic
 from ciuic.config import CiuicConfig
-from ciuic.registry import BUILD_OPTIMIZER, deferred_reason, request_keys
 
 DEFAULT_OPTIMS = ("adamw_torch", "adamw_torch_fused")
 """``TrainingArguments.optim`` values that mean "plain AdamW" (the default is the fused one)."""
 
 
 def as_config(config: CiuicConfig | str | Mapping[str, Any] | None = None, **fields: Any) -> CiuicConfig:
-    """``config`` (a CiuicConfig, preset name or dict) with ``fields`` on top, as a CiuicConfig.
-
-    Raises:
-        ConfigError: a field or preset is invalid (the message names it).
-    """
-    if config is None:
-        return CiuicConfig(**fields)
-    if isinstance(config, str):
-        return CiuicConfig.preset(config, **fields)
-    if isinstance(config, Mapping):
-        return CiuicConfig.from_dict({**config, **fields})
-    if isinstance(config, CiuicConfig):
-        return config.replace(**fields) if fields else config
-    raise ciuic.ConfigError(
-        f"config={config!r} is not a CiuicConfig: pass CiuicConfig(...), a preset name "
-        f"({', '.join(CiuicConfig.PRESETS)}), a dict of fields, or the fields as keywords."
-    )
+    """``config`` (a CiuicConfig, preset name or dict) with ``fields`` on top: ``ciuic.as_config``."""
+    return ciuic.as_config(config, **fields)
 
 
 def asks_for_ciuic_optimizer(config: CiuicConfig) -> list[str]:
     """The config fields that ``torch.optim.AdamW`` does not serve (empty: plain AdamW will do)."""
-    return [key for key in request_keys(config) if deferred_reason(key) == BUILD_OPTIMIZER]
+    asks: list[str] = ciuic.optimizer_requests(config)
+    return asks
 
 
 class CiuicOptimizer(torch.optim.Optimizer):

@@ -11,7 +11,6 @@ under, and ``on_train_begin`` of a resumed run loads them back. The frozen weigh
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import torch
 
@@ -25,14 +24,9 @@ def state_file(folder: str, rank: int) -> str:
     return os.path.join(folder, f"ciuic_state-{rank}.pt")
 
 
-def technique_states(handle: CiuicHandle) -> dict[str, Any]:
-    """``{technique: state}`` of the applied techniques that keep one."""
-    return {r.technique: r.stateful.state_dict() for r in handle.applied if r.stateful is not None}
-
-
 def save_states(handle: CiuicHandle, folder: str, rank: int) -> None:
     """Write the config and technique states of ``handle`` into ``folder``."""
-    payload = {"config": handle.config.to_dict(), "state": technique_states(handle)}
+    payload = {"config": handle.config.to_dict(), "state": handle.technique_states()}
     torch.save(payload, state_file(folder, rank))
 
 
@@ -53,8 +47,5 @@ def load_states(handle: CiuicHandle, folder: str, rank: int) -> bool:
             f"the checkpoint {folder} was saved under another ciuic config ({changed} differ): resume with "
             f"CiuicCallback({saved.to_dict()}) or start a new run."
         )
-    for record in handle.applied:
-        state = payload["state"].get(record.technique)
-        if record.stateful is not None and state is not None:
-            record.stateful.load_state_dict(state)
+    handle.load_technique_states(payload["state"])
     return True

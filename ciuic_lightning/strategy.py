@@ -61,18 +61,7 @@ def resolve_config(config: ConfigLike, fields: Mapping[str, Any]) -> CiuicConfig
         ConfigError: a field is unknown or has a bad value (core's message, naming it).
     """
     given = {key: value for key, value in fields.items() if value is not None}
-    if isinstance(config, CiuicConfig):
-        return config.replace(**given) if given else config
-    if isinstance(config, str):
-        return CiuicConfig.preset(config, **given)
-    if isinstance(config, Mapping):
-        return CiuicConfig.from_dict({**config, **given})
-    if config is None:
-        return CiuicConfig(**given)
-    raise ConfigError(
-        f"config={config!r} is not a CiuicConfig: pass CiuicConfig(...), a preset name "
-        f"({', '.join(CiuicConfig.PRESETS)}), a dict of fields, or the fields as keywords."
-    )
+    return ciuic.as_config(config, **given)
 
 
 class CiuicStrategyMixin:

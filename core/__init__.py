@@ -20,7 +20,17 @@ quiet_bitsandbytes()  # before anything imports bitsandbytes: it logs a known-ha
 
 # ruff: noqa: E402  (the filter above must be installed before these imports run)
 
-from .api import CiuicHandle, apply_, build_optimizer, handle_of, remove_, saved_config, step_scope
+from .api import (
+    CiuicHandle,
+    apply_,
+    as_config,
+    build_optimizer,
+    handle_of,
+    optimizer_requests,
+    remove_,
+    saved_config,
+    step_scope,
+)
 from .config import CiuicConfig
 from .errors import ApplyError, CiuicError, ConfigError, TechniqueUnavailableError, UnknownTechniqueError
 from .memory import MemoryMeter, MemoryReading
@@ -43,8 +53,10 @@ __all__ = [
     "UnknownTechniqueError",
     "__version__",
     "apply_",
+    "as_config",
     "build_optimizer",
     "handle_of",
+    "optimizer_requests",
     "remove_",
     "saved_config",
     "step_scope",

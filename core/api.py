@@ -169,6 +169,18 @@ class CiuicHandle:
             )
 
     # -- state saved with the model ------------------------------------------------------
+    def technique_states(self) -> dict[str, Any]:
+        """``{technique: state}`` of the applied techniques that keep one (the rounding
+        generators of compressed activations); what ``state_dict`` metadata carries."""
+        return {r.technique: r.stateful.state_dict() for r in self.applied if r.stateful is not None}
+
+    def load_technique_states(self, states: Mapping[str, Any]) -> None:
+        """Restore what :meth:`technique_states` returned (techniques not in it are left alone)."""
+        for record in self.applied:
+            state = states.get(record.technique)
+            if record.stateful is not None and state is not None:
+                record.stateful.load_state_dict(state)
+
     def _install_state_hooks(self, model: nn.Module) -> None:
         self._hooks = [
             model.register_state_dict_post_hook(_MetadataWriter(self)),
@@ -188,8 +200,7 @@ class _MetadataWriter:
         self.handle = handle
 
     def __call__(self, module: nn.Module, state_dict: Any, prefix: str, local_metadata: Any) -> None:
-        applied = self.handle.applied
-        states = {r.technique: r.stateful.state_dict() for r in applied if r.stateful is not None}
+        states = self.handle.technique_states()
         local_metadata[METADATA_KEY] = {"config": self.handle.config.to_dict(), "state": states}
 
 
@@ -203,12 +214,8 @@ class _MetadataReader:
         self, module: nn.Module, state_dict: Any, prefix: str, local_metadata: Any, *rest: Any
     ) -> None:
         saved = (local_metadata or {}).get(METADATA_KEY)
-        if saved is None:
-            return
-        for record in self.handle.applied:
-            state = saved.get("state", {}).get(record.technique)
-            if record.stateful is not None and state is not None:
-                record.stateful.load_state_dict(state)
+        if saved is not None:
+            self.handle.load_technique_states(saved.get("state", {}))
 
 
 @contextlib.contextmanager
@@ -257,17 +264,35 @@ def _plain(value: object) -> object:
     return to_value() if callable(to_value) else value
 
 
-def _as_config(config: CiuicConfig | str | Mapping[str, Any]) -> CiuicConfig:
+def as_config(config: CiuicConfig | str | Mapping[str, Any] | None = None, **fields: Any) -> CiuicConfig:
+    """``config`` (a CiuicConfig, preset name, dict of fields or ``None``) with ``fields`` on top.
+
+    The one way every entry point (``apply_``, the adapters' constructors) reads a config.
+
+    Raises:
+        ConfigError: ``config`` is none of those, or a field or preset is invalid.
+
+    Example:
+        >>> import ciuic
+        >>> ciuic.as_config("balanced", activations="int4").activations.codec
+        'int4'
+    """
     if isinstance(config, CiuicConfig):
-        return config
+        return config.replace(**fields) if fields else config
     if isinstance(config, str):
-        return CiuicConfig.preset(config)
+        return CiuicConfig.preset(config, **fields)
     if isinstance(config, Mapping):
-        return CiuicConfig.from_dict(config)
+        return CiuicConfig.from_dict({**config, **fields})
+    if config is None:
+        return CiuicConfig(**fields)
     raise ConfigError(
         f"config={config!r} is not a CiuicConfig: pass CiuicConfig(...), a preset name "
-        f"({', '.join(CiuicConfig.PRESETS)}) or a dict of fields."
+        f"({', '.join(CiuicConfig.PRESETS)}), a dict of fields, or the fields as keywords."
     )
+
+
+def _as_config(config: CiuicConfig | str | Mapping[str, Any]) -> CiuicConfig:
+    return as_config(config)
 
 
 def apply_(model: nn.Module, config: CiuicConfig | str | Mapping[str, Any]) -> CiuicHandle:
@@ -422,6 +447,11 @@ def saved_config(state_dict: Mapping[str, Any], prefix: str = "") -> CiuicConfig
     return None if saved is None else CiuicConfig.from_dict(saved["config"])
 
 
+def optimizer_requests(config: CiuicConfig) -> list[str]:
+    """The requests of ``config`` that need the ciuic optimizer (empty: torch's AdamW serves it)."""
+    return [key for key in request_keys(config) if deferred_reason(key) == BUILD_OPTIMIZER]
+
+
 def build_optimizer(
     params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
     config: CiuicConfig | str | Mapping[str, Any],
@@ -434,7 +464,7 @@ def build_optimizer(
     ``adamw_kwargs`` are AdamW's (``lr``, ``betas``, ``eps``, ``weight_decay``).
     """
     config = _as_config(config)
-    asks = [key for key in request_keys(config) if deferred_reason(key) == BUILD_OPTIMIZER]
+    asks = optimizer_requests(config)
     if not asks:
         return torch.optim.AdamW(params, **adamw_kwargs)
     factory = optimizer_factory()

@@ -13,9 +13,10 @@ from __future__ import annotations
 import copy
 import io
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import pytest
 import torch
 from torch import nn
 
@@ -90,3 +91,14 @@ COPIES: dict[str, Callable[[Any], Any]] = {
 def progressions(*, batch_size: int, seq_len: int, vocab_size: int = 64, seed: int = 0) -> torch.Tensor:
     """One batch of the demo's learnable task (call again with another seed for more)."""
     return next(progression_batches(batch_size=batch_size, seq_len=seq_len, vocab_size=vocab_size, seed=seed))
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """One intra-op thread while a test runs (imported by the adapters' conftest files): the tiny
+    models' ops gain nothing from more, and on a shared CPU spinning workers cost several times
+    the step time; both runs a test compares then also reduce in the same order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

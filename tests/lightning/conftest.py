@@ -1,17 +1,6 @@
-"""One intra-op thread for the Lightning runs: the tiny models' ops are too small to gain from
-more, and on a shared CPU the spinning worker threads cost several times the step time."""
+"""The Lightning adapter's tests run the real ``Trainer`` on a shared CPU: one intra-op thread each
+(``tests.models.one_thread``)."""
 
-from __future__ import annotations
+from tests.models import one_thread
 
-from collections.abc import Iterator
-
-import pytest
-import torch
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+__all__ = ["one_thread"]
