@@ -314,7 +314,9 @@ class SavedTensorHooks:
             self._segment += 1
             self._tail = False
         if scope.weight_shapes:  # weights FSDP unsharded in its pre-forward hook count too
-            self._param_ptrs.update(_storage_ptrs(module, recurse=False))
+            added = _storage_ptrs(module, recurse=False) - self._param_ptrs
+            self._param_ptrs |= added
+            self._added().setdefault(id(module), []).append(added)
 
     def _pop(self, scope: Scope, module: nn.Module, args: Any, output: Any) -> None:
         stack = self._stack()
@@ -324,6 +326,19 @@ class SavedTensorHooks:
         if scope.block:
             self._segment += 1
             self._tail = scope.last
+        if scope.weight_shapes:
+            # Pointers of weights that exist only during the module's forward (FSDP's unsharded
+            # parameters, the weight offload's refilled storages) are forgotten when it leaves:
+            # their memory is freed then, and an activation allocated there later is no weight.
+            added = self._added().get(id(module))
+            if added:
+                self._param_ptrs -= added.pop()
+
+    def _added(self) -> dict[int, list[set[int]]]:
+        added: dict[int, list[set[int]]] | None = getattr(self._local, "added", None)
+        if added is None:
+            added = self._local.added = {}
+        return added
 
     @torch.compiler.disable  # type: ignore[untyped-decorator]
     def _enter(self, module: nn.Module, args: Any) -> None:

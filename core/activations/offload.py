@@ -13,8 +13,14 @@ stream, ordered by events:
   (or copies synchronously what was not prefetched) and ``record_stream``-s the result on the
   compute stream, the stream that uses and frees it.
 
-On CPU the same calls run synchronously; the host copies are allocated under
-``tag_allocations("offloaded")`` so that :class:`ciuic.MemoryMeter` counts them as host bytes.
+On CPU (and under ``FakeTensorMode``, with ``asynchronous=False``) the same calls run
+synchronously; the host copies are allocated under ``tag_allocations("offloaded")`` so that
+:class:`ciuic.MemoryMeter` counts them as host bytes.
+
+``prefetch``/``fetch`` either allocate new device tensors (saved activations) or, given
+``into``, refill device tensors whose storage was resized to zero bytes (frozen weights, see
+:mod:`ciuic.weight_offload`): the storage is grown on the copying stream and the copy lands in
+it, so every view of it sees the data again.
 
 Example:
     >>> import torch
@@ -62,10 +68,12 @@ class Offloader:
 
     Args:
         device: The device the model computes on.
+        asynchronous: Pinned host memory and side-stream copies (default: on CUDA).
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, *, asynchronous: bool | None = None) -> None:
         self.device = device
+        self.asynchronous = device.type == "cuda" if asynchronous is None else asynchronous
         self._stream: Any = None
         self.prefetches = 0
         self.fetches = 0
@@ -73,7 +81,7 @@ class Offloader:
     @property
     def is_cuda(self) -> bool:
         """Whether copies are asynchronous (side stream, pinned memory)."""
-        return self.device.type == "cuda"
+        return self.asynchronous
 
     def _side_stream(self) -> Any:
         if self._stream is None:
@@ -99,37 +107,54 @@ class Offloader:
             ready.record(side)
         return HostCopy(host, tensors[0].device, ready)
 
-    def prefetch(self, copy: HostCopy) -> None:
-        """Start bringing ``copy`` back to the device (a no-op if already started)."""
+    def prefetch(self, copy: HostCopy, into: tuple[torch.Tensor, ...] | None = None) -> None:
+        """Start bringing ``copy`` back to the device (a no-op if already started).
+
+        ``into``: device tensors (storage resized to zero) to refill instead of new ones.
+        """
         if copy.prefetched is not None:
             return
         self.prefetches += 1
         if not self.is_cuda:
-            copy.prefetched = (self._copy_back(copy), None)
+            copy.prefetched = (self._copy_back(copy, into), None)
             return
         side = self._side_stream()
         with torch.cuda.stream(side):
-            side.wait_event(copy.ready)
-            tensors = self._copy_back(copy)
+            if copy.ready is not None:
+                side.wait_event(copy.ready)
+            tensors = self._copy_back(copy, into)
             done = torch.cuda.Event()
             done.record(side)
         copy.prefetched = (tensors, done)
 
-    def fetch(self, copy: HostCopy) -> tuple[torch.Tensor, ...]:
-        """The device tensors of ``copy``, ready to use on the current stream."""
+    def fetch(self, copy: HostCopy, into: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, ...]:
+        """The device tensors of ``copy``, ready to use on the current stream (``into``: as in
+        :meth:`prefetch`; a prefetch already started fills the tensors it was given)."""
         self.fetches += 1
         prefetched, copy.prefetched = copy.prefetched, None
         if not self.is_cuda:
-            return prefetched[0] if prefetched is not None else self._copy_back(copy)
+            return prefetched[0] if prefetched is not None else self._copy_back(copy, into)
         current = torch.cuda.current_stream(self.device)
         if prefetched is None:
-            current.wait_event(copy.ready)
-            return self._copy_back(copy)
+            if copy.ready is not None:
+                current.wait_event(copy.ready)
+            return self._copy_back(copy, into)
         tensors, done = prefetched
         current.wait_event(done)
         for t in tensors:  # allocated on the side stream, used and freed on this one
             t.record_stream(current)
         return tensors
 
-    def _copy_back(self, copy: HostCopy) -> tuple[torch.Tensor, ...]:
-        return tuple(h.to(copy.device, non_blocking=self.is_cuda, copy=True) for h in copy.host)
+    def copy_now(self, host: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Device copies of host tensors, made on the current stream (no prefetch: small reads,
+        such as one routed expert's rows, needed at once)."""
+        self.fetches += 1
+        return tuple(h.to(self.device, non_blocking=self.is_cuda, copy=True) for h in host)
+
+    def _copy_back(self, copy: HostCopy, into: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, ...]:
+        if into is None:
+            return tuple(h.to(copy.device, non_blocking=self.is_cuda, copy=True) for h in copy.host)
+        for dst, h in zip(into, copy.host, strict=True):
+            dst.untyped_storage().resize_(h.numel() * h.element_size())
+            dst.copy_(h, non_blocking=self.is_cuda)
+        return into

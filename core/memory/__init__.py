@@ -5,8 +5,10 @@ from .meter import (
     DEVICE_CATEGORIES,
     MemoryMeter,
     MemoryReading,
+    register_host_tensors,
+    storage_resized,
     tag_allocations,
     tag_tensor,
 )
 
-__all__ = ["CATEGORIES", "DEVICE_CATEGORIES", "MemoryMeter", "MemoryReading", "tag_allocations", "tag_tensor"]
+__all__ = ["CATEGORIES", "DEVICE_CATEGORIES", "MemoryMeter", "MemoryReading", "register_host_tensors", "storage_resized", "tag_allocations", "tag_tensor"]

@@ -89,6 +89,41 @@ def tag_tensor(tensor: torch.Tensor, category: str) -> None:
         meter._tag(tensor, category)
 
 
+_HOST_TENSORS: weakref.WeakKeyDictionary[nn.Module, Callable[[], list[torch.Tensor]]] = weakref.WeakKeyDictionary()
+
+
+def register_host_tensors(module: nn.Module, source: Callable[[], list[torch.Tensor]] | None) -> None:
+    """Let ``MemoryMeter.track(module)`` count host tensors a technique keeps for ``module``
+    (the weight offload's host copies) as ``offloaded``; ``source=None`` unregisters.
+
+    Example:
+        >>> import torch
+        >>> from ciuic import MemoryMeter
+        >>> model, host = torch.nn.Linear(4, 4), [torch.zeros(256)]
+        >>> register_host_tensors(model, lambda: host)
+        >>> with MemoryMeter(device="cpu", track=(model,)) as meter:
+        ...     pass
+        >>> meter.peak_offloaded_bytes
+        1024
+        >>> register_host_tensors(model, None)
+    """
+    if source is None:
+        _HOST_TENSORS.pop(module, None)
+    else:
+        _HOST_TENSORS[module] = source
+
+
+def storage_resized(tensor: torch.Tensor) -> None:
+    """Tell all active meters that ``tensor``'s storage was resized in place.
+
+    ``untyped_storage().resize_()`` runs outside the dispatcher, so a meter sees a storage grow
+    only when an op next writes it, and never sees it shrink: a technique that frees a storage
+    this way (the weight offload releasing a block) calls this after the resize.
+    """
+    for meter in _ACTIVE:
+        meter._update(tensor)
+
+
 class _Record:
     __slots__ = ("category", "host", "nbytes", "saved_refs")
 
@@ -327,6 +362,9 @@ class MemoryMeter:
                     self._tag(buf, "parameters", add=True)
                 for tensor in _quantization_state(obj):
                     self._tag(tensor, "parameters", add=True)
+                for module in obj.modules():
+                    for tensor in _HOST_TENSORS[module]() if module in _HOST_TENSORS else ():
+                        self._tag(tensor, "offloaded", add=True)
             else:
                 self._on_step_pre(obj, (), {})  # type: ignore[arg-type]
                 self._on_step_post(obj, (), {})  # type: ignore[arg-type]
@@ -493,15 +531,18 @@ def _quantization_state(model: nn.Module) -> list[torch.Tensor]:
     double quantization) and LLM.int8's ``SCB`` (on the weight, or on ``layer.state``) are part
     of the weights' memory but invisible to ``parameters()`` and ``buffers()``.
     """
-    found: list[object] = []
-    for module in model.modules():
-        found.append(getattr(getattr(module, "state", None), "SCB", None))
-        for param in module.parameters(recurse=False):
-            found.append(getattr(param, "SCB", None))
-            state = getattr(param, "quant_state", None)
-            while state is not None:
-                found.extend(getattr(state, name, None) for name in ("absmax", "code", "offset"))
-                state = getattr(state, "state2", None)
+    return [t for module in model.modules() for t in own_quantization_state(module)]
+
+
+def own_quantization_state(module: nn.Module) -> list[torch.Tensor]:
+    """The tensors of :func:`_quantization_state` held by ``module`` itself (not its children)."""
+    found: list[object] = [getattr(getattr(module, "state", None), "SCB", None)]
+    for param in module.parameters(recurse=False):
+        found.append(getattr(param, "SCB", None))
+        state = getattr(param, "quant_state", None)
+        while state is not None:
+            found.extend(getattr(state, name, None) for name in ("absmax", "code", "offset"))
+            state = getattr(state, "state2", None)
     return [t for t in found if isinstance(t, torch.Tensor)]
 
 

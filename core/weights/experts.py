@@ -109,11 +109,17 @@ class QuantizedExperts(nn.Module):
                 return f"{name} has {per_expert} weights per expert, not a multiple of the block size {block}"
         return None
 
+    row_source: Callable[[str, int], tuple[torch.Tensor, torch.Tensor]] | None = None
+    """Where :meth:`expert_weight` reads an expert's ``(data, absmax)`` rows when set (the
+    weight offload sets it per instance to copy only the picked experts from host memory)."""
+
     def expert_weight(self, name: str, expert: int) -> torch.Tensor:
         """The dense ``(out, in)`` weight of one expert, dequantized now."""
-        data: torch.Tensor = getattr(self, f"{name}_data")
-        absmax: torch.Tensor = getattr(self, f"{name}_absmax")
-        return self.codec.decode(data[expert], absmax[expert], self.shapes[name], self.dtype)
+        if self.row_source is not None:
+            data, absmax = self.row_source(name, expert)
+        else:
+            data, absmax = getattr(self, f"{name}_data")[expert], getattr(self, f"{name}_absmax")[expert]
+        return self.codec.decode(data, absmax, self.shapes[name], self.dtype)
 
     def dense(self, name: str) -> torch.Tensor:
         """The whole dequantized 3-D tensor ``name`` (for ``remove_`` and fidelity checks)."""
