@@ -156,5 +156,7 @@ class Offloader:
             return tuple(h.to(copy.device, non_blocking=self.is_cuda, copy=True) for h in copy.host)
         for dst, h in zip(into, copy.host, strict=True):
             dst.untyped_storage().resize_(h.numel() * h.element_size())
-            dst.copy_(h, non_blocking=self.is_cuda)
+            # the same bytes come back: views that autograd saved must not look modified
+            with torch.autograd._unsafe_preserve_version_counter(dst):
+                dst.copy_(h, non_blocking=self.is_cuda)
         return into
