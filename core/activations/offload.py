@@ -151,12 +151,14 @@ class Offloader:
         self.fetches += 1
         return tuple(h.to(self.device, non_blocking=self.is_cuda, copy=True) for h in host)
 
-    def _copy_back(self, copy: HostCopy, into: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, ...]:
+    def _copy_back(
+        self, copy: HostCopy, into: tuple[torch.Tensor, ...] | None = None
+    ) -> tuple[torch.Tensor, ...]:
         if into is None:
             return tuple(h.to(copy.device, non_blocking=self.is_cuda, copy=True) for h in copy.host)
         for dst, h in zip(into, copy.host, strict=True):
             dst.untyped_storage().resize_(h.numel() * h.element_size())
             # the same bytes come back: views that autograd saved must not look modified
-            with torch.autograd._unsafe_preserve_version_counter(dst):
+            with torch.autograd.grad_mode._unsafe_preserve_version_counter(dst):
                 dst.copy_(h, non_blocking=self.is_cuda)
         return into

@@ -11,4 +11,13 @@ from .meter import (
     tag_tensor,
 )
 
-__all__ = ["CATEGORIES", "DEVICE_CATEGORIES", "MemoryMeter", "MemoryReading", "register_host_tensors", "storage_resized", "tag_allocations", "tag_tensor"]
+__all__ = [
+    "CATEGORIES",
+    "DEVICE_CATEGORIES",
+    "MemoryMeter",
+    "MemoryReading",
+    "register_host_tensors",
+    "storage_resized",
+    "tag_allocations",
+    "tag_tensor",
+]

@@ -89,7 +89,9 @@ def tag_tensor(tensor: torch.Tensor, category: str) -> None:
         meter._tag(tensor, category)
 
 
-_HOST_TENSORS: weakref.WeakKeyDictionary[nn.Module, Callable[[], list[torch.Tensor]]] = weakref.WeakKeyDictionary()
+_HOST_TENSORS: weakref.WeakKeyDictionary[nn.Module, Callable[[], list[torch.Tensor]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def register_host_tensors(module: nn.Module, source: Callable[[], list[torch.Tensor]] | None) -> None:

@@ -55,8 +55,11 @@ def install_weight_offload(model: nn.Module, config: CiuicConfig) -> Applied:
     )
     dense = [name for name, m in model.named_modules() if _dense_fused_experts(m)]
     record.skipped.extend(
-        (name, "dense fused experts are fetched whole with their block; weights='nf4'/'int8' stores them "
-         "per expert, which fetches only the routed ones")
+        (
+            name,
+            "dense fused experts are fetched whole with their block; weights='nf4'/'int8' stores them "
+            "per expert, which fetches only the routed ones",
+        )
         for name in dense
     )
     return record

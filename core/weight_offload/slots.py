@@ -106,15 +106,15 @@ class Slot:
 
     def host_as(self, tensor: torch.Tensor) -> torch.Tensor:
         """The host copy read as ``tensor`` (same dtype, shape, strides and offset)."""
-        host = self.copy.host[0].view(tensor.dtype)
+        host: torch.Tensor = self.copy.host[0].view(tensor.dtype)
         return host.as_strided(tensor.shape, tensor.stride(), tensor.storage_offset())
 
 
 def own_frozen_tensors(module: nn.Module) -> list[torch.Tensor]:
     """The frozen tensors ``module`` holds itself: parameters that do not require grad,
     persistent buffers, and bitsandbytes' quantization state beside its weights."""
-    skip = getattr(module, "_non_persistent_buffers_set", set())
-    found = [p for p in module.parameters(recurse=False) if not p.requires_grad]
+    skip: set[str] = getattr(module, "_non_persistent_buffers_set", set())
+    found: list[torch.Tensor] = [p for p in module.parameters(recurse=False) if not p.requires_grad]
     found += [b for name, b in module.named_buffers(recurse=False) if name not in skip]
     found += own_quantization_state(module)
     return [t for t in found if t.device.type != "meta" and t.untyped_storage().nbytes() > 0]

@@ -65,13 +65,15 @@ class ExpertRows:
         self.streamer = streamer
         self.name = name
         self.host = {
-            buffer: streamer.slot_of(tensor).host_as(tensor) for buffer, tensor in module.named_buffers(recurse=False)
+            buffer: streamer.slot_of(tensor).host_as(tensor)
+            for buffer, tensor in module.named_buffers(recurse=False)
         }
 
     def __call__(self, param: str, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         self.streamer.expert_fetches.append((self.name, param, expert))
         rows = (self.host[f"{param}_data"][expert], self.host[f"{param}_absmax"][expert])
-        return self.streamer.offloader.copy_now(rows)
+        data, absmax = self.streamer.offloader.copy_now(rows)
+        return data, absmax
 
 
 class WeightStreamer:
@@ -120,9 +122,10 @@ class WeightStreamer:
                 f"out of offload."
             )
         self.offloader = _offloader_for(next(t for _, _, tensors in owners for t in tensors))
-        for unit, module, tensors in owners:
-            for tensor in tensors:
-                unit.slots.append(self._slot(tensor)) if unit is not None else self._slot(tensor)
+        for unit, _, tensors in owners:
+            slots = [self._slot(tensor) for tensor in tensors]
+            if unit is not None:
+                unit.slots.extend(slot for slot in dict.fromkeys(slots) if slot not in unit.slots)
         self.units = list({id(u): u for u, _, _ in owners if u is not None}.values())
         for slot in self.slots.values():
             slot.release()
@@ -183,12 +186,18 @@ class WeightStreamer:
     def _install_hooks(self) -> None:
         modules = dict(self.model.named_modules())
         for unit in self.units:
-            module = self.blocks[unit.block] if unit.block is not None else modules[unit.name.replace("<root>", "")]
+            module = (
+                self.blocks[unit.block]
+                if unit.block is not None
+                else modules[unit.name.replace("<root>", "")]
+            )
             pre = functools.partial(self._pre, unit)
             post = functools.partial(self._post, unit)
             self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
             self._handles.append(module.register_forward_hook(post, with_kwargs=True, always_call=True))
-        self._handles.append(self.model.register_state_dict_post_hook(functools.partial(self._host_state_dict)))
+        self._handles.append(
+            self.model.register_state_dict_post_hook(functools.partial(self._host_state_dict))
+        )
 
     def remove(self) -> None:
         """Refill every storage from its host copy (bitwise the weights before), unhook."""
@@ -270,7 +279,9 @@ class WeightStreamer:
         task = torch._C._current_graph_task_id()
         if task not in self._graph_tasks:
             self._graph_tasks.add(task)
-            torch.autograd.Variable._execution_engine.queue_callback(functools.partial(self._backward_done, task))
+            torch.autograd.Variable._execution_engine.queue_callback(
+                functools.partial(self._backward_done, task)
+            )
         self.fetch(unit)
         previous = self._neighbour(unit, -1)
         if previous is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 from typing import Any
 
 import pytest
@@ -55,7 +56,9 @@ def _train(
     model: nn.Module, config: CiuicConfig, steps: int = 3, *, metered: bool = False
 ) -> tuple[list[torch.Tensor], MemoryMeter]:
     handle = ciuic.apply_(model, config)
-    optimizer = ciuic.build_optimizer([p for p in model.parameters() if p.requires_grad], handle.config, lr=1e-2)
+    optimizer = ciuic.build_optimizer(
+        [p for p in model.parameters() if p.requires_grad], handle.config, lr=1e-2
+    )
     losses = []
     meter = MemoryMeter(device="cpu", track=(model, optimizer))
     with meter if metered else contextlib.nullcontext():
@@ -79,7 +82,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "nf4": {"weights": "nf4"},
     "checkpointing": {"checkpointing": "full"},
     "step_in_backward": {"step_in_backward": True},
-    "nf4_checkpointing_step_in_backward": {"weights": "nf4", "checkpointing": "full", "step_in_backward": True},
+    "nf4_checkpointing_step_in_backward": {
+        "weights": "nf4",
+        "checkpointing": "full",
+        "step_in_backward": True,
+    },
     "activations_int8_offloaded": {"activations": "int8", "offload": {"activations"}},
 }
 
@@ -123,7 +130,9 @@ def test_only_the_routed_experts_the_router_picked_are_fetched() -> None:
     assert sorted(experts) == sorted(streamer.expert_modules) and len(experts) == LAYERS - 1
     picked: dict[str, set[int]] = {}
     hooks = [
-        m.register_forward_pre_hook(lambda m, args, name=n: picked.setdefault(name, set()).update(args[1].flatten().tolist()))
+        m.register_forward_pre_hook(
+            lambda m, args, name=n: picked.setdefault(name, set()).update(args[1].flatten().tolist())
+        )
         for n, m in experts.items()
     ]
     ids = progressions(batch_size=1, seq_len=2)
@@ -131,7 +140,7 @@ def test_only_the_routed_experts_the_router_picked_are_fetched() -> None:
     for hook in hooks:
         hook.remove()
     fetched: dict[str, list[int]] = {}
-    for name, param, expert in streamer.expert_fetches:
+    for name, _, expert in streamer.expert_fetches:
         fetched.setdefault(name, []).append(expert)
     for name in experts:
         assert set(fetched[name]) == picked[name] and len(picked[name]) < 8
@@ -168,7 +177,9 @@ def test_forward_and_backward_fetch_each_block_once() -> None:
         model(input_ids=ids)
     assert [streamer.fetches[f"block {i}"] for i in range(LAYERS)] == [3] * LAYERS
     blocks = handle.record("weight_offload").details["block_bytes"]
-    assert streamer.max_resident_bytes <= max(a + b for a, b in zip(blocks, blocks[1:])) + _outside(streamer)
+    assert streamer.max_resident_bytes <= max(a + b for a, b in itertools.pairwise(blocks)) + _outside(
+        streamer
+    )
     ciuic.remove_(model)
 
 
@@ -219,7 +230,9 @@ def test_cuda_training_is_bitwise_the_run_without_offload() -> None:
 
 def _train_on(model: nn.Module, config: CiuicConfig, device: str) -> tuple[list[torch.Tensor], MemoryMeter]:
     handle = ciuic.apply_(model, config)
-    optimizer = ciuic.build_optimizer([p for p in model.parameters() if p.requires_grad], handle.config, lr=1e-2)
+    optimizer = ciuic.build_optimizer(
+        [p for p in model.parameters() if p.requires_grad], handle.config, lr=1e-2
+    )
     losses = []
     with MemoryMeter(device=device, track=(model, optimizer)) as meter:
         for step in range(3):
