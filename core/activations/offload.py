@@ -78,6 +78,9 @@ class Offloader:
         self.prefetches = 0
         self.fetches = 0
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_stream": None}  # a CUDA stream is not copied
+
     @property
     def is_cuda(self) -> bool:
         """Whether copies are asynchronous (side stream, pinned memory)."""

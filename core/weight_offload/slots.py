@@ -57,9 +57,10 @@ class Slot:
         holders: Units (indices) that use it now; released when none does.
     """
 
-    __slots__ = ("copy", "holders", "nbytes", "view")
+    __slots__ = ("copy", "holders", "nbytes", "source", "view")
 
-    def __init__(self, view: torch.Tensor, copy: HostCopy) -> None:
+    def __init__(self, source: torch.Tensor, view: torch.Tensor, copy: HostCopy) -> None:
+        self.source = source  # a tensor of the storage in its own dtype (what a copy pickles)
         self.view = view
         self.copy = copy
         self.nbytes = int(view.numel())
@@ -72,7 +73,20 @@ class Slot:
         copy = offloader.store((view,))
         if copy.ready is not None:
             copy.ready.synchronize()  # once, at apply: the host copy is complete before any release
-        return cls(view, copy)
+            copy.ready = None
+        return cls(tensor, view, copy)
+
+    def __getstate__(self) -> dict[str, object]:
+        # torch.save refuses two dtypes over one storage: the byte view is rebuilt on load
+        # (the model is copied with its storages refilled, see WeightStreamer.refill_all)
+        return {"source": self.source, "copy": self.copy, "nbytes": self.nbytes, "holders": self.holders}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)
+        if not self.source.untyped_storage().resizable():  # torch.load's storages are fixed
+            _move_to_resizable(self.source)
+        self.view = storage_view(self.source)
 
     @property
     def resident(self) -> bool:
@@ -108,6 +122,16 @@ class Slot:
         """The host copy read as ``tensor`` (same dtype, shape, strides and offset)."""
         host: torch.Tensor = self.copy.host[0].view(tensor.dtype)
         return host.as_strided(tensor.shape, tensor.stride(), tensor.storage_offset())
+
+
+def _move_to_resizable(tensor: torch.Tensor) -> None:
+    """Give ``tensor`` a resizable copy of its storage (another tensor sharing the old one keeps
+    it: it is then never freed, which costs memory but no correctness)."""
+    old = tensor.untyped_storage()
+    new = torch.empty(old.nbytes(), dtype=torch.uint8, device=tensor.device).untyped_storage()
+    new.copy_(old)
+    with torch.no_grad():
+        tensor.set_(new, tensor.storage_offset(), tensor.shape, tensor.stride())
 
 
 def own_frozen_tensors(module: nn.Module) -> list[torch.Tensor]:

@@ -64,14 +64,15 @@ class ExpertRows:
     def __init__(self, streamer: WeightStreamer, name: str, module: nn.Module) -> None:
         self.streamer = streamer
         self.name = name
-        self.host = {
-            buffer: streamer.slot_of(tensor).host_as(tensor)
-            for buffer, tensor in module.named_buffers(recurse=False)
-        }
+        self.module = module
+
+    def _host(self, buffer: str) -> torch.Tensor:
+        tensor: torch.Tensor = getattr(self.module, buffer)
+        return self.streamer.slot_of(tensor).host_as(tensor)
 
     def __call__(self, param: str, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         self.streamer.expert_fetches.append((self.name, param, expert))
-        rows = (self.host[f"{param}_data"][expert], self.host[f"{param}_absmax"][expert])
+        rows = (self._host(f"{param}_data")[expert], self._host(f"{param}_absmax")[expert])
         data, absmax = self.streamer.offloader.copy_now(rows)
         return data, absmax
 
@@ -132,6 +133,7 @@ class WeightStreamer:
         self._install_expert_rows()
         self._install_hooks()
         register_host_tensors(self.model, _HostTensors(self))
+        self.model.__dict__["__getstate__"] = _RefilledState(self)
         return self
 
     def host_tensors(self) -> list[torch.Tensor]:
@@ -176,7 +178,7 @@ class WeightStreamer:
 
     def slot_of(self, tensor: torch.Tensor) -> Slot:
         """The slot holding ``tensor``'s storage."""
-        return self.slots[storage_key(tensor)]
+        return self._slots()[storage_key(tensor)]
 
     def _install_expert_rows(self) -> None:
         for name in self.expert_modules:
@@ -205,6 +207,7 @@ class WeightStreamer:
             handle.remove()
         self._handles.clear()
         register_host_tensors(self.model, None)
+        self.model.__dict__.pop("__getstate__", None)
         for slot in self.slots.values():
             slot.refill_now(self.offloader)
             slot.holders.clear()
@@ -296,14 +299,32 @@ class WeightStreamer:
         """``state_dict`` while offloaded: the host copy of every freed storage."""
         for key, value in state.items():
             if isinstance(value, torch.Tensor) and value.device.type != "meta":
-                slot = self.slots.get(storage_key(value))
+                slot = self._slots().get(storage_key(value))
                 if slot is not None and not slot.resident:
                     state[key] = slot.host_as(value)
+
+    def refill_all(self) -> None:
+        """Refill every storage (before the model is copied: the copy reads the device tensors);
+        each unit's next forward frees it again."""
+        for slot in self.slots.values():
+            self.resident_bytes += slot.refill_now(self.offloader)
+        if self.offloader.is_cuda:
+            torch.cuda.synchronize(self.offloader.device)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_graph_tasks"] = set()
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._stale_keys = True
+        register_host_tensors(self.model, _HostTensors(self))
+
+    def _slots(self) -> dict[int, Slot]:
+        if self.__dict__.pop("_stale_keys", False):  # a copy: its storages have new addresses
+            self.slots = {storage_key(slot.source): slot for slot in self.slots.values()}
+        return self.slots
 
     def describe(self) -> Iterator[str]:
         """One line per unit: its name and bytes."""
@@ -321,6 +342,21 @@ class _HostTensors:
     def __call__(self) -> list[torch.Tensor]:
         streamer = self.streamer()
         return streamer.host_tensors() if streamer is not None else []
+
+
+class _RefilledState:
+    """The model's instance ``__getstate__`` while offloaded: ``copy.deepcopy``, pickling and
+    ``torch.save`` read the weights' device tensors, so every storage is refilled first (the
+    copy is then a model with its weights refilled and its own streamer)."""
+
+    def __init__(self, streamer: WeightStreamer) -> None:
+        self.streamer = streamer
+
+    def __call__(self) -> dict[str, Any]:
+        self.streamer.refill_all()
+        model = self.streamer.model
+        state: dict[str, Any] = type(model).__getstate__(model)
+        return state
 
 
 class _FetchInBackward(torch.autograd.Function):

@@ -19,7 +19,7 @@ from ciuic.activations import find_blocks
 from ciuic.weight_offload import WeightStreamer
 from ciuic.weights.experts import QuantizedExperts
 from tests.gpu import requires_cuda
-from tests.models import deepseek_v3, llama, lora, progressions
+from tests.models import COPIES, deepseek_v3, llama, lora, progressions
 
 LAYERS = 4  # one dense decoder layer, then three MoE layers
 ATTENTION = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
@@ -243,3 +243,19 @@ def _train_on(model: nn.Module, config: CiuicConfig, device: str) -> tuple[list[
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.detach())
     return losses, meter
+
+
+@pytest.mark.parametrize("how", list(COPIES))
+def test_a_copy_of_an_offloaded_model_trains_bitwise_like_the_original(how: str) -> None:
+    model = _model()
+    ciuic.apply_(model, CiuicConfig(offload={"weights"}))
+    twin = COPIES[how](model)
+    for m in (model, twin):
+        ids = progressions(batch_size=2, seq_len=16)
+        m(input_ids=ids, labels=ids).loss.backward()
+    grads = [[p.grad for p in m.parameters() if p.requires_grad] for m in (model, twin)]
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+    streamer = ciuic.handle_of(twin).record("weight_offload").details["streamer"]
+    assert streamer.resident_bytes == 0 and streamer.model is twin
+    ciuic.remove_(twin)
+    assert _same_bits(twin, model)
