@@ -100,7 +100,7 @@ def register_host_tensors(module: nn.Module, source: Callable[[], list[torch.Ten
 
     Example:
         >>> import torch
-        >>> from ciuic import MemoryMeter
+        >>> from ciuic.memory import MemoryMeter, register_host_tensors
         >>> model, host = torch.nn.Linear(4, 4), [torch.zeros(256)]
         >>> register_host_tensors(model, lambda: host)
         >>> with MemoryMeter(device="cpu", track=(model,)) as meter:

@@ -14,7 +14,7 @@ from ciuic.config import CONFIG_VERSION, FIELDS
 INVALID: dict[str, list[object]] = {
     "weights": ["nf5", "NF4", "", None, 4, ["nf4"]],
     "activations": ["int3", "fp16", "INT8", None, 8],
-    "offload": ["gpu", ["activations", "weights"], 5, {"activations": True}, [1], 2.5],
+    "offload": ["gpu", ["activations", "gradients"], 5, {"activations": True}, [1], 2.5],
     "checkpointing": ["some", "", 0, -1, True, 1.5, None, [2]],
     "optimizer": ["sgd", "adam", "AdamW", None, 8],
     "step_in_backward": ["yes", 1, 0, None, "True"],
