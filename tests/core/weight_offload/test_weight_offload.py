@@ -88,7 +88,30 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "step_in_backward": True,
     },
     "activations_int8_offloaded": {"activations": "int8", "offload": {"activations"}},
+    "int8": {"weights": "int8"},
 }
+
+
+@pytest.mark.parametrize("checkpointing", ["none", "full"])
+def test_routed_expert_rows_train_bitwise_like_the_run_without_offload(checkpointing: str) -> None:
+    model, twin = _model(ATTENTION), _model(ATTENTION)  # experts without LoRA: QuantizedExperts
+    expected, _ = _train(model, CiuicConfig(weights="nf4", checkpointing=checkpointing))
+    losses, _ = _train(twin, CiuicConfig(weights="nf4", checkpointing=checkpointing, offload={"weights"}))
+    assert ciuic.handle_of(twin).record("weight_offload").details["expert_modules"]
+    assert all(torch.equal(a, b) for a, b in zip(losses, expected, strict=True))
+    assert _same_bits(twin, model)
+
+
+def test_demo_lora_with_trained_head_and_embeddings_is_bitwise_the_run_without_offload() -> None:
+    """``ciuic.demo.add_lora`` trains copies of ``lm_head`` and ``embed_tokens``
+    (``modules_to_save``): they stay on the device, the frozen originals go to the host."""
+    from ciuic.demo import add_lora
+
+    model, twin = add_lora(deepseek_v3(num_layers=LAYERS)), add_lora(deepseek_v3(num_layers=LAYERS))
+    expected, _ = _train(model, CiuicConfig())
+    losses, _ = _train(twin, CiuicConfig(offload={"weights"}))
+    assert all(torch.equal(a, b) for a, b in zip(losses, expected, strict=True))
+    assert _same_bits(twin, model)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
