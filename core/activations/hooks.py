@@ -26,7 +26,9 @@ What a pack does with a saved tensor:
 1. the storage of a parameter or buffer: kept as it is, never compressed nor offloaded. It is
    compared by storage pointer, not by type, with the pointers read when the model's forward
    starts and when each module with weights starts its own (so weights that FSDP unshards in
-   a module pre-forward hook registered before ciuic's count too; not tested with FSDP here);
+   a module pre-forward hook registered before ciuic's count too; not tested with FSDP here;
+   the weight offload's refilled storages are such weights); a pointer a module added is
+   forgotten when it ends, since the weight's memory may be freed then;
 2. integer tensors: kept (offloaded if asked); bool tensors (dropout masks): 1 bit each;
 3. floating-point tensors under ``min_numel`` elements, non-finite ones, and views that
    cannot be rebuilt exactly: kept (offloaded if asked);

@@ -57,8 +57,9 @@ def install_weight_offload(model: nn.Module, config: CiuicConfig) -> Applied:
     record.skipped.extend(
         (
             name,
-            "dense fused experts are fetched whole with their block; weights='nf4'/'int8' stores them "
-            "per expert, which fetches only the routed ones",
+            "dense fused experts are fetched whole with their block: transformers' kernel reads the "
+            "whole stack, and an expert-by-expert loop would change the bits; weights='nf4'/'int8' "
+            "stores them per expert, which fetches only the routed ones",
         )
         for name in dense
     )
