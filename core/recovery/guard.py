@@ -22,7 +22,7 @@ def budget_guard(
       per op; the cap is lifted on exit.
     - Elsewhere (CPU): a :class:`ciuic.MemoryMeter` with ``budget`` tracks ``track`` (the model
       and optimizer) and raises :class:`ciuic.errors.BudgetExceededError`. The meter sees every
-      op, so the step runs slower (about 2x on the tiny CPU models of the tests).
+      op, so the step runs slower.
 
     Yields:
         The meter on CPU (its ``peak_bytes`` is the step's peak), else ``None``.

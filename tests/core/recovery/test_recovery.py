@@ -109,9 +109,9 @@ def assert_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
 
 def test_budget_exceeded_is_an_out_of_memory_error_with_the_figures() -> None:
     model = torch.nn.Linear(64, 64)  # 16,640 B of parameters
-    with pytest.raises(torch.OutOfMemoryError) as caught:  # noqa: PT012
-        with ciuic.MemoryMeter(device="cpu", track=(model,), budget=20_000):
-            model(torch.randn(8, 64)).sum().backward()
+    meter = ciuic.MemoryMeter(device="cpu", track=(model,), budget=20_000)
+    with pytest.raises(torch.OutOfMemoryError) as caught, meter:
+        model(torch.randn(8, 64)).sum().backward()
     error = caught.value
     assert isinstance(error, BudgetExceededError)
     assert error.budget == 20_000 and error.peak_bytes > 20_000
