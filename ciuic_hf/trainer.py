@@ -114,6 +114,15 @@ def _check_given_route(given: Any, config: CiuicConfig) -> None:
         )
 
 
+def _check_recoverable(args: Any) -> None:
+    if args.world_size > 1:
+        raise ConfigError(
+            f"budget= turns on OOM recovery, which escalates each process on its own: with "
+            f"world_size={args.world_size} the processes would train under different configs (and "
+            f"wait on each other's gradients). Run one process, or budget=None."
+        )
+
+
 class TrainerHooks:
     """What the callback set on one ``Trainer`` instance (see the module docstring)."""
 
@@ -135,6 +144,7 @@ class TrainerHooks:
             trainer.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs(config, trainer.args)
             self.set_optimizer = True
         if config.budget is not None:
+            _check_recoverable(trainer.args)
             trainer.training_step = RecoveringTrainingStep(trainer.training_step, self.handle, trainer)
         else:
             trainer.training_step = ScopedTrainingStep(trainer.training_step, self.handle)

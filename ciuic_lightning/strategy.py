@@ -235,6 +235,12 @@ def _check_recoverable(trainer: Any) -> None:
             "with automatic_optimization=False it cannot see the step. Use automatic optimization, "
             "or budget=None."
         )
+    if trainer.world_size > 1:
+        raise ConfigError(
+            f"budget= turns on OOM recovery, which escalates each process on its own: with "
+            f"world_size={trainer.world_size} the processes would train under different configs (and "
+            f"wait on each other's gradients). Run on one device, or budget=None."
+        )
     if trainer.accumulate_grad_batches != 1:
         raise ConfigError(
             f"budget= turns on OOM recovery, which cannot retry the batches that "

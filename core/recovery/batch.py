@@ -52,7 +52,7 @@ def split_batch(batch: Any, parts: int) -> list[MicroBatch]:
 
     Example:
         >>> import torch
-        >>> labels = torch.tensor([[1, 2, 3], [1, -100, -100]])
+        >>> labels = torch.tensor([[1, 2, 3], [1, 2, -100]])  # 2 and 1 valid after the shift
         >>> [(m.weight, m.num_items) for m in split_batch({"labels": labels}, 2)]
         [(0.6666666666666666, 3), (0.3333333333333333, 3)]
     """

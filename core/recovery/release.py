@@ -3,7 +3,8 @@
 A step that runs out of memory may have run part of its backward: some gradients are partly
 accumulated, and with ``step_in_backward`` some parameters have already stepped. Before the
 step, :class:`GradSnapshot` keeps the gradients that exist (those of earlier micro-batches of a
-gradient-accumulation window; none at a window's start, the usual case, which costs nothing);
+gradient-accumulation window; none at a window's start, the usual case, which costs nothing;
+kept in host memory, so on a GPU they take no device memory);
 after a failure :func:`release` puts them back, rolls a ``CiuicAdamW`` back to before the
 backward, and frees the memory the failed step held.
 """
@@ -32,12 +33,13 @@ class GradSnapshot:
 
     def __init__(self, params: Iterable[torch.Tensor]) -> None:
         self.params = [p for p in params if p.requires_grad]
-        self.grads = {id(p): p.grad.detach().clone() for p in self.params if p.grad is not None}
+        self.grads = {id(p): p.grad.detach().to("cpu", copy=True) for p in self.params if p.grad is not None}
 
     def restore(self) -> None:
         """Set every gradient back to its value (or ``None``) at the snapshot."""
         for param in self.params:
-            param.grad = self.grads.get(id(param))
+            saved = self.grads.get(id(param))
+            param.grad = None if saved is None else saved.to(param.device, copy=True)
 
 
 def innermost_optimizer(optimizer: object) -> object:

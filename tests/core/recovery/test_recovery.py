@@ -23,7 +23,8 @@ import ciuic
 from ciuic.errors import BudgetExceededError, NothingFitsError
 from ciuic.optim import CiuicAdamW
 from ciuic.planner import Rung, escalations
-from ciuic.recovery import MicroBatch, Recovery, split_batch
+from ciuic.recovery import MicroBatch, Recovery, budget_guard, split_batch
+from tests.gpu import requires_cuda
 from tests.models import deepseek_v3, lora, progressions
 
 BUDGET = 1_600_000
@@ -271,3 +272,12 @@ def test_nothing_fits_says_what_was_tried_and_the_peak() -> None:
     assert "Nothing in the ladder fits" in message and "over the budget of 585.94 KiB" in message
     assert job.seen == [] and job.steps == 0
     assert all(p.grad is None for p in job.model.parameters())
+
+
+@requires_cuda
+def test_on_cuda_the_budget_caps_the_allocator() -> None:
+    device = torch.device("cuda")
+    mib = 2**20
+    with pytest.raises(torch.OutOfMemoryError), budget_guard(64 * mib, device):
+        torch.empty(128 * mib, dtype=torch.uint8, device=device)
+    assert torch.empty(128 * mib, dtype=torch.uint8, device=device).numel() == 128 * mib  # cap lifted
