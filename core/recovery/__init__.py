@@ -9,14 +9,17 @@ from .batch import MicroBatch, batch_size, split_batch
 from .guard import budget_guard
 from .recovery import Escalation, Recovery
 from .release import GradSnapshot, release
+from .rung import Rung, default_ladder
 
 __all__ = [
     "Escalation",
     "GradSnapshot",
     "MicroBatch",
     "Recovery",
+    "Rung",
     "batch_size",
     "budget_guard",
+    "default_ladder",
     "release",
     "split_batch",
 ]

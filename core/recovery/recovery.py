@@ -4,8 +4,8 @@ The adapters host one :class:`Recovery` per run and hand it each batch with the 
 runs forward and backward on (a part of) it; the logic lives here, framework-free:
 
 1. the step runs under the current rung (config and micro-batch count) of the escalation
-   ladder (:func:`ciuic.planner.escalations`), inside the budget guard (the meter on CPU, the
-   capped allocator on CUDA: :func:`budget_guard`);
+   ladder (the planner's order: :func:`ciuic.recovery.rung.default_ladder`), inside the
+   budget guard (the meter on CPU, the capped allocator on CUDA: :func:`budget_guard`);
 2. ``torch.OutOfMemoryError`` is caught by type (a real one, or the meter's
    :class:`ciuic.errors.BudgetExceededError`), never by its message;
 3. what the failed step held is released (:func:`release`: gradients put back as they were
@@ -32,12 +32,12 @@ import torch
 from ciuic.api import CiuicHandle
 from ciuic.errors import ApplyError, BudgetExceededError, NothingFitsError
 from ciuic.optim import CiuicAdamW
-from ciuic.planner import Rung, escalations
 from ciuic.units import format_bytes
 
 from .batch import MicroBatch, batch_size, split_batch
 from .guard import budget_guard
 from .release import GradSnapshot, innermost_optimizer, release
+from .rung import Rung, default_ladder
 
 logger = logging.getLogger("ciuic.recovery")
 
@@ -68,8 +68,9 @@ class Recovery:
     Args:
         handle: The handle of the applied model (``ciuic.apply_``); its config is the first rung
             and its ``budget`` is enforced during each step.
-        ladder: The rungs to escalate through, in order; default
-            ``ciuic.planner.escalations(handle.config)``.
+        ladder: The rungs to escalate through, in order; default the planner's order
+            (:func:`ciuic.recovery.rung.default_ladder`: its configs after ``handle.config``,
+            then micro-batch counts up to the batch's rows).
         device: The device whose memory the budget caps; default the model's.
 
     Attributes:
@@ -94,7 +95,7 @@ class Recovery:
         if handle.model is None:
             raise ApplyError("Recovery needs the handle returned by ciuic.apply_ (this one has no model).")
         self.handle = handle
-        self.ladder = list(escalations(handle.config) if ladder is None else ladder)
+        self.ladder = None if ladder is None else list(ladder)
         self.device = device if device is not None else _device_of(handle.model)
         self.rung = Rung(handle.config)
         self.tried: list[Rung] = [self.rung]
@@ -154,8 +155,11 @@ class Recovery:
     # -- escalation -----------------------------------------------------------------------------
     def _escalate(self, failure: _Failure, batch: Any, optimizer: object | None) -> None:
         failed, reason, peak = self.rung, failure.reason, failure.peak_bytes
-        while self._next < len(self.ladder):
-            rung = self.ladder[self._next]
+        ladder = self.ladder
+        if ladder is None:
+            ladder = default_ladder(self.tried[0].config, batch_size(batch))
+        while self._next < len(ladder):
+            rung = ladder[self._next]
             self._next += 1
             why_not = _cannot_split(rung, batch, optimizer)
             if why_not:

@@ -2,8 +2,8 @@
 
 The job of ``tests/core/recovery/test_recovery.py`` (LoRA on the tiny DeepSeek-V3, batches of
 4 x 32 tokens), whose budgets are explained there and in ``tests/lightning/test_recovery.py``:
-1.6 MB fails the plain step and fits ``activations='int8'``; 1.3 MB fails
-``activations='int4', checkpointing='full'`` and fits it in 2 micro-batches.
+1.6 MB fails the plain step and fits ``loss='chunked', activations='int8'`` (the second rung
+of the planner's order); 1.3 MB fails its last config and fits it in 2 micro-batches.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from transformers import Trainer, TrainerCallback
 
 import ciuic
 from ciuic.errors import NothingFitsError
-from ciuic.planner import Rung
+from ciuic.planner.escalate import escalations
+from ciuic.recovery import Rung
 from ciuic_hf import CiuicCallback
 from tests.hf.common import arguments
 from tests.models import deepseek_v3, lora, progressions
@@ -26,6 +27,8 @@ from tests.models import deepseek_v3, lora, progressions
 STEPS = 2
 ROWS = 4
 VALID = 31  # valid (shifted) labels per row: no padding
+LAST = dict(loss="chunked", activations="int4", checkpointing="full", offload=["activations"])
+"""The end of the planner's config order: only micro-batches come after it."""
 
 
 class IdentifiedRows(torch.utils.data.Dataset):
@@ -102,15 +105,17 @@ def trainable(trainer: Trainer) -> dict[str, torch.Tensor]:
 def test_an_oom_step_is_retried_under_the_next_rung_and_matches_that_rung_from_the_start(
     tmp_path: Path,
 ) -> None:
+    start = ciuic.CiuicConfig(budget=1_600_000)
+    chunked, int8 = escalations(start)[:2]
     callback = CiuicCallback(budget=1_600_000)
     ours, ours_ledger = train(tmp_path / "ours", callback)
-    reference, reference_ledger = train(tmp_path / "reference", CiuicCallback(activations="int8"))
+    reference, reference_ledger = train(tmp_path / "reference", CiuicCallback(int8.replace(budget=None)))
 
     recovery = callback.recovery
     assert recovery is not None
-    start = ciuic.CiuicConfig(budget=1_600_000)
-    assert recovery.tried == [Rung(start), Rung(start.replace(activations="int8"))]
-    assert ciuic.handle_of(ours.model).config == start.replace(activations="int8")  # type: ignore[union-attr]
+    assert recovery.tried == [Rung(start), Rung(chunked), Rung(int8)]
+    assert int8.activations.codec == "int8"
+    assert ciuic.handle_of(ours.model).config == int8  # type: ignore[union-attr]
     assert Counter(ours_ledger.seen) == Counter(range(ROWS * STEPS)) == Counter(reference_ledger.seen)
     assert ours_ledger.optimizer_steps == reference_ledger.optimizer_steps == STEPS
     after, expected = trainable(ours), trainable(reference)
@@ -118,10 +123,9 @@ def test_an_oom_step_is_retried_under_the_next_rung_and_matches_that_rung_from_t
 
 
 def test_micro_batches_keep_the_batch_and_its_loss(tmp_path: Path) -> None:
-    config = dict(activations="int4", checkpointing="full")
-    callback = CiuicCallback(budget=1_300_000, **config)
+    callback = CiuicCallback(budget=1_300_000, **LAST)
     ours, ours_ledger = train(tmp_path / "ours", callback)
-    whole, whole_ledger = train(tmp_path / "whole", CiuicCallback(**config))
+    whole, whole_ledger = train(tmp_path / "whole", CiuicCallback(**LAST))
 
     recovery = callback.recovery
     assert recovery is not None

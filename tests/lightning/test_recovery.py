@@ -2,9 +2,10 @@
 
 The job of ``tests/core/recovery/test_recovery.py`` (LoRA on the tiny DeepSeek-V3, batches of
 4 x 32 tokens), whose budgets are explained there: 1.6 MB fails the plain step in its forward
-pass and fits ``activations='int8'``, the first rung of the default ladder; 1.3 MB fails
-``activations='int4', checkpointing='full'`` (1,385,416 B at the first step) and fits it in 2
-micro-batches (1,017,544 B, 1,166,120 B with the optimizer states of the second step).
+pass and fits ``loss='chunked', activations='int8'``, the second rung of the planner's order;
+1.3 MB fails its last config (``loss='chunked', activations='int4', checkpointing='full',
+offload={'activations'}``: 1,380,808 B at the first step) and fits it in 2 micro-batches
+(1,015,240 B; 1,163,816 B with the optimizer states of the second step).
 """
 
 from __future__ import annotations
@@ -20,12 +21,15 @@ from torch.utils.data import DataLoader, TensorDataset
 import ciuic
 from ciuic import ConfigError
 from ciuic.errors import NothingFitsError
-from ciuic.planner import Rung
+from ciuic.planner.escalate import escalations
+from ciuic.recovery import Rung
 from ciuic_lightning import CiuicStrategy
 from tests.lightning.helpers import VOCAB, LoraModule, trainer
 from tests.models import progressions
 
 STEPS = 2
+LAST = dict(loss="chunked", activations="int4", checkpointing="full", offload=["activations"])
+"""The end of the planner's config order: only micro-batches come after it."""
 
 
 class RecordingModule(LoraModule):
@@ -81,15 +85,17 @@ def trainable(module: LoraModule) -> dict[str, torch.Tensor]:
 def test_an_oom_step_is_retried_under_the_next_rung_and_matches_that_rung_from_the_start(
     tmp_path: Path,
 ) -> None:
+    start = ciuic.CiuicConfig(budget=1_600_000)
+    chunked, int8 = escalations(start)[:2]
     strategy = CiuicStrategy(budget=1_600_000)
     ours = fit(tmp_path, strategy)
-    reference = fit(tmp_path, CiuicStrategy(activations="int8"))
+    reference = fit(tmp_path, CiuicStrategy(int8.replace(budget=None)))
 
     recovery = strategy.ciuic_recovery
     assert recovery is not None
-    start = ciuic.CiuicConfig(budget=1_600_000)
-    assert recovery.tried == [Rung(start), Rung(start.replace(activations="int8"))]
-    assert strategy.ciuic_config == start.replace(activations="int8")  # what a checkpoint records
+    assert recovery.tried == [Rung(start), Rung(chunked), Rung(int8)]
+    assert int8.activations.codec == "int8"
+    assert strategy.ciuic_config == int8  # what a checkpoint records
     assert Counter(ours.seen) == Counter(range(4 * STEPS)) == Counter(reference.seen)
     assert ours.optimizer_steps == reference.optimizer_steps == STEPS
     # the codec restarts from its seed when applied, at the start or at the escalation: bitwise
@@ -98,10 +104,9 @@ def test_an_oom_step_is_retried_under_the_next_rung_and_matches_that_rung_from_t
 
 
 def test_micro_batches_keep_the_batch_and_its_loss(tmp_path: Path) -> None:
-    config = dict(activations="int4", checkpointing="full")
-    strategy = CiuicStrategy(budget=1_300_000, **config)
+    strategy = CiuicStrategy(budget=1_300_000, **LAST)
     ours = fit(tmp_path, strategy)
-    whole = fit(tmp_path, CiuicStrategy(**config))
+    whole = fit(tmp_path, CiuicStrategy(**LAST))
 
     recovery = strategy.ciuic_recovery
     assert recovery is not None

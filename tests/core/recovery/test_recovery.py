@@ -6,7 +6,9 @@ The step is LoRA on the tiny DeepSeek-V3, 4 rows x 32 tokens. Measured with ``Me
 of the forward pass; with ``checkpointing='full'`` the step peaks at 1,408,968 B, with 2
 micro-batches at 1,263,304 B (optimizer states add about 2 x the LoRA parameters from the second
 step on). A budget of 1.6 MB therefore fails the plain step *during its forward pass* (before
-the loss, so a failed attempt records no sample) and fits either escalation.
+the loss, so a failed attempt records no sample) and fits either escalation. The planner's
+first rung, ``loss='chunked'``, saves little at a vocabulary of 64 (1,730,244 B by the end of
+the forward pass); its second, ``loss='chunked', activations='int8'``, peaks at 1,257,040 B.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ import torch
 import ciuic
 from ciuic.errors import BudgetExceededError, NothingFitsError
 from ciuic.optim import CiuicAdamW
-from ciuic.planner import Rung, escalations
-from ciuic.recovery import MicroBatch, Recovery, budget_guard, split_batch
+from ciuic.planner.escalate import escalations
+from ciuic.recovery import MicroBatch, Recovery, Rung, budget_guard, split_batch
 from tests.gpu import requires_cuda
 from tests.models import deepseek_v3, lora, progressions
 
@@ -180,17 +182,18 @@ def test_micro_batch_gradients_equal_the_whole_batch_not_the_mean_of_means() -> 
 
 def test_compression_escalation_matches_the_compressed_run_from_the_start() -> None:
     data = batches()
-    int8 = OFF.replace(activations="int8")
+    chunked, int8 = escalations(OFF)[:2]  # the planner's order: chunked loss, then int8 too
+    assert int8 == OFF.replace(loss="chunked", activations="int8")
     job = Job(OFF)
-    recovery = Recovery(job.handle)  # the default ladder: int8 comes first
+    recovery = Recovery(job.handle)
     job.train(recovery, data)
     reference = Job(int8)
     reference.train(Recovery(reference.handle, []), data)
 
-    assert recovery.tried == [Rung(OFF), Rung(int8)]
+    assert recovery.tried == [Rung(OFF), Rung(chunked), Rung(int8)]
     assert Counter(job.seen) == Counter(range(8))
     # Re-applying the codec restarts its rounding generator from its seed, as applying it at
-    # the start does: the retried run is bitwise the int8 run (tolerance 0).
+    # the start does: the retried run is bitwise the chunked + int8 run (tolerance 0).
     assert_equal(job.trainable(), reference.trainable())
 
 
@@ -203,19 +206,23 @@ def test_injected_ooms_walk_the_ladder_in_order(caplog: pytest.LogCaptureFixture
     with caplog.at_level(logging.WARNING, logger="ciuic.recovery"):
         job.train(recovery, batches(1))
 
-    int4 = start.replace(activations="int4")
-    full = int4.replace(checkpointing="full")
+    last = ciuic.CiuicConfig(
+        loss="chunked", activations="int4", checkpointing="full", offload={"activations"}
+    )
     assert recovery.tried == [
         Rung(start),
-        Rung(start.replace(activations="int8")),
-        Rung(int4),
-        Rung(full),
-        Rung(full, micro_batches=2),
-        Rung(full, micro_batches=4),
+        Rung(ciuic.CiuicConfig(loss="chunked")),
+        Rung(ciuic.CiuicConfig(loss="chunked", activations="int8")),
+        Rung(ciuic.CiuicConfig(loss="chunked", activations="int4")),
+        Rung(ciuic.CiuicConfig(loss="chunked", activations="int4", checkpointing=2)),
+        Rung(ciuic.CiuicConfig(loss="chunked", activations="int4", checkpointing="full")),
+        Rung(last),
+        Rung(last, micro_batches=2),
+        Rung(last, micro_batches=4),
     ]
-    assert recovery.tried[1:] == escalations(start)[:5]
-    assert len([r for r in caplog.records if "retrying the same batch" in r.getMessage()]) == 5
-    assert job.handle.config == full
+    assert [rung.config for rung in recovery.tried[1:7]] == escalations(start)
+    assert len([r for r in caplog.records if "retrying the same batch" in r.getMessage()]) == 8
+    assert job.handle.config == last
     assert job.steps == 1 and recovery.steps == 1
 
 
@@ -267,8 +274,8 @@ def test_nothing_fits_says_what_was_tried_and_the_peak() -> None:
     with pytest.raises(NothingFitsError) as caught:
         recovery.run(job.step, batches(1)[0], optimizer=job.optimizer)
     message = str(caught.value)
-    assert len(recovery.tried) == 6  # the start and every rung but 8 micro-batches (4 rows)
-    assert "micro_batches=4" in message and "micro_batches=8" not in message
+    assert len(recovery.tried) == 9  # the start, the planner's 6 configs, 2 and 4 micro-batches
+    assert "micro_batches=4" in message and "micro_batches=8" not in message  # 4 rows
     assert "Nothing in the ladder fits" in message and "over the budget of 585.94 KiB" in message
     assert job.seen == [] and job.steps == 0
     assert all(p.grad is None for p in job.model.parameters())
