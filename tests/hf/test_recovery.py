@@ -51,7 +51,8 @@ class ProbeTrainer(Trainer):
     The probe enters the loss as each row's entry times its valid tokens over
     ``num_items_in_batch``, the normalization of the model's own loss: its gradient is
     ``31 / 124 = 1/4`` per sample of a batch of 4, split or not (exact in binary). A failed
-    attempt's gradient left in place would show as ``2/4``, a lost sample as 0.
+    attempt's gradient left in place would show as ``2/4``, a lost sample as 0 (with gradient
+    accumulation over 2 batches: ``1/8`` per sample).
     """
 
     def compute_loss(
@@ -70,12 +71,13 @@ def probe(model: Any) -> torch.nn.Parameter:
 class Ledger(TrainerCallback):
     """Reads the probe before each optimizer step; counts the steps."""
 
-    def __init__(self) -> None:
+    def __init__(self, rows_per_step: int) -> None:
+        self.rows_per_step = rows_per_step
         self.seen: list[int] = []
         self.optimizer_steps = 0
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        grad = probe(kwargs["model"]).grad * ROWS
+        grad = probe(kwargs["model"]).grad * self.rows_per_step
         counts = grad.round().long().tolist()
         torch.testing.assert_close(grad, torch.tensor(counts, dtype=grad.dtype))
         self.seen += [sample for sample, count in enumerate(counts) for _ in range(count)]
@@ -84,14 +86,22 @@ class Ledger(TrainerCallback):
         self.optimizer_steps += 1
 
 
-def train(tmp_path: Path, callback: CiuicCallback) -> tuple[ProbeTrainer, Ledger]:
+def train(tmp_path: Path, callback: CiuicCallback, accumulation: int = 1) -> tuple[ProbeTrainer, Ledger]:
+    samples = ROWS * STEPS * accumulation
     model = lora(deepseek_v3())
-    model.register_parameter("probe", torch.nn.Parameter(torch.zeros(ROWS * STEPS)))
-    ledger = Ledger()
+    model.register_parameter("probe", torch.nn.Parameter(torch.zeros(samples)))
+    ledger = Ledger(ROWS * accumulation)
+    args = arguments(
+        tmp_path,
+        max_steps=STEPS,
+        gradient_accumulation_steps=accumulation,
+        remove_unused_columns=False,
+        weight_decay=0.0,
+    )
     trainer = ProbeTrainer(
         model=model,
-        args=arguments(tmp_path, max_steps=STEPS, remove_unused_columns=False, weight_decay=0.0),
-        train_dataset=IdentifiedRows(ROWS * STEPS),
+        args=args,
+        train_dataset=IdentifiedRows(samples),
         callbacks=[callback, ledger],
     )
     trainer.train()
@@ -136,6 +146,24 @@ def test_micro_batches_keep_the_batch_and_its_loss(tmp_path: Path) -> None:
     expected_loss = [e["loss"] for e in whole.state.log_history if "loss" in e]
     assert logged == pytest.approx(expected_loss, rel=1e-6)  # the parts' sum is the batch's loss
     # Another summation order: see tests/lightning/test_recovery.py for the 1e-5 tolerance.
+    after, expected = trainable(ours), trainable(whole)
+    for name in expected:
+        torch.testing.assert_close(after[name], expected[name], rtol=0, atol=1e-5)
+
+
+def test_micro_batches_inside_a_gradient_accumulation_window(tmp_path: Path) -> None:
+    # 2 batches of 4 per optimizer step: num_items_in_batch counts the window's 248 tokens and
+    # each micro-batch keeps it. (A retry in the middle of a window keeping the gradients of its
+    # earlier batches is tests/core/recovery's test_a_retried_batch_keeps_the_gradients...)
+    callback = CiuicCallback(budget=1_300_000, **LAST)
+    ours, ours_ledger = train(tmp_path / "ours", callback, accumulation=2)
+    whole, whole_ledger = train(tmp_path / "whole", CiuicCallback(**LAST), accumulation=2)
+
+    recovery = callback.recovery
+    assert recovery is not None
+    assert [rung.micro_batches for rung in recovery.tried] == [1, 2]
+    assert Counter(ours_ledger.seen) == Counter(range(2 * ROWS * STEPS)) == Counter(whole_ledger.seen)
+    assert ours_ledger.optimizer_steps == whole_ledger.optimizer_steps == STEPS
     after, expected = trainable(ours), trainable(whole)
     for name in expected:
         torch.testing.assert_close(after[name], expected[name], rtol=0, atol=1e-5)
