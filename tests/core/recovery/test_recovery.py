@@ -271,8 +271,14 @@ def test_a_retried_batch_keeps_the_gradients_of_earlier_micro_batches() -> None:
 def test_nothing_fits_says_what_was_tried_and_the_peak() -> None:
     job = Job(ciuic.CiuicConfig(budget=600_000))  # the model alone is 400,560 B
     recovery = Recovery(job.handle)
-    with pytest.raises(NothingFitsError) as caught:
-        recovery.run(job.step, batches(1)[0], optimizer=job.optimizer)
+    (batch,) = batches(1)
+    with ciuic.MemoryMeter(device="cpu", track=(job.model, job.optimizer)) as outside:
+        before = outside.current_bytes
+        with pytest.raises(NothingFitsError) as caught:
+            recovery.run(job.step, batch, optimizer=job.optimizer)
+        # each failed attempt's graph, activations and gradients were freed: nothing is left
+        assert outside.current_bytes == before
+        assert outside.peak_bytes > 600_000  # the attempts did run up to the budget
     message = str(caught.value)
     assert len(recovery.tried) == 9  # the start, the planner's 6 configs, 2 and 4 micro-batches
     assert "micro_batches=4" in message and "micro_batches=8" not in message  # 4 rows
