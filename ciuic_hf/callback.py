@@ -12,7 +12,9 @@ What happens when (the ``Trainer`` events it uses):
   the config asks for and that the arguments do not defeat it, and restores the technique states
   of the checkpoint it resumes from (:mod:`ciuic_hf.state`);
 - ``on_save``: writes the technique states into the checkpoint folder;
-- ``on_log``: adds the peak memory (and its breakdown, with ``memory="meter"``) to the logs.
+- ``on_log``: adds the peak memory (and its breakdown, with ``memory="meter"``) to the logs;
+- ``on_train_end``: logs the OOM recovery's escalations and the config the run ended with
+  (with a ``budget``: :mod:`ciuic_hf.recovery`).
 """
 
 from __future__ import annotations
@@ -155,6 +157,17 @@ class CiuicCallback(TrainerCallback):
             state.log_history[-1].update(entries)
         if self.hooks is not None:
             self.hooks.show_on_progress_bar(f"peak {format_bytes(entries[PEAK_KEY])}")
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Log what OOM recovery changed (with a ``budget``), and the config the run ended with."""
+        recovery = self.recovery
+        if recovery is not None and recovery.escalations and args.should_log:
+            logger.warning(recovery.report())
+
+    @property
+    def recovery(self) -> Any:
+        """The run's :class:`ciuic.recovery.Recovery` (``CiuicConfig(budget=...)``), else ``None``."""
+        return None if self.hooks is None else self.hooks.recovery
 
     # -- helpers ----------------------------------------------------------------------------
     def detach(self) -> None:

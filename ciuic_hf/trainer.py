@@ -10,7 +10,9 @@ that instance only (the class is untouched):
 - ``optimizer_cls_and_kwargs``, the constructor's own argument, when the user gave neither it
   nor ``optimizers`` (see :mod:`ciuic_hf.optimizer`);
 - ``training_step``: the ``Trainer``'s (or the subclass's) bound method wrapped in the model's
-  ``ciuic`` step scope, so forward and backward of each micro-batch run inside it;
+  ``ciuic`` step scope, so forward and backward of each micro-batch run inside it; with a
+  ``budget`` in the config, also retried on out-of-memory errors
+  (:class:`ciuic_hf.recovery.RecoveringTrainingStep`);
 - ``train``: wrapped to note the checkpoint it resumes from (``on_train_begin`` restores the
   technique states saved beside it) and to run the memory meter around the run when asked.
 
@@ -29,6 +31,7 @@ from ciuic.config import CiuicConfig
 from ciuic.errors import ConfigError
 
 from .optimizer import CiuicOptimizer, asks_for_ciuic_optimizer, optimizer_cls_and_kwargs
+from .recovery import RecoveringTrainingStep
 
 _STACK_DEPTH = 16
 """How many frames above the callback to look for the ``Trainer`` whose constructor runs."""
@@ -111,6 +114,15 @@ def _check_given_route(given: Any, config: CiuicConfig) -> None:
         )
 
 
+def _check_recoverable(args: Any) -> None:
+    if args.world_size > 1:
+        raise ConfigError(
+            f"budget= turns on OOM recovery, which escalates each process on its own: with "
+            f"world_size={args.world_size} the processes would train under different configs (and "
+            f"wait on each other's gradients). Run one process, or budget=None."
+        )
+
+
 class TrainerHooks:
     """What the callback set on one ``Trainer`` instance (see the module docstring)."""
 
@@ -131,18 +143,29 @@ class TrainerHooks:
         elif trainer.optimizer is None and asks_for_ciuic_optimizer(config):
             trainer.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs(config, trainer.args)
             self.set_optimizer = True
-        trainer.training_step = ScopedTrainingStep(trainer.training_step, self.handle)
+        if config.budget is not None:
+            _check_recoverable(trainer.args)
+            trainer.training_step = RecoveringTrainingStep(trainer.training_step, self.handle, trainer)
+        else:
+            trainer.training_step = ScopedTrainingStep(trainer.training_step, self.handle)
         trainer.train = NotingTrain(trainer.train, self)
         return self
 
     def remove(self) -> None:
         """Give the trainer back its own ``training_step``, ``train`` and optimizer argument."""
-        for name, kind in (("training_step", ScopedTrainingStep), ("train", NotingTrain)):
+        kinds = (("training_step", (ScopedTrainingStep, RecoveringTrainingStep)), ("train", NotingTrain))
+        for name, kind in kinds:
             if isinstance(self.trainer.__dict__.get(name), kind):
                 del self.trainer.__dict__[name]
         if self.set_optimizer:
             self.trainer.optimizer_cls_and_kwargs = None
             self.set_optimizer = False
+
+    @property
+    def recovery(self) -> Any:
+        """The run's :class:`ciuic.recovery.Recovery` (with a ``budget``), else ``None``."""
+        step = self.trainer.__dict__.get("training_step")
+        return step.recovery if isinstance(step, RecoveringTrainingStep) else None
 
     def first(self, callback: Any) -> None:
         """Move ``callback`` first among the trainer's callbacks, so that what it adds to the logs

@@ -28,23 +28,31 @@ The Lightning hooks it relies on, in the order the Trainer calls them (``Trainer
    gradient-accumulation path (where the closure runs without an optimizer step). Under manual
    optimization the scope wraps the whole ``training_step`` (``manual_backward`` runs inside).
 7. ``save_checkpoint``: ``checkpoint["ciuic"] = config.to_dict()``.
+8. OOM recovery, when the config has a ``budget``: ``batch_to_device`` notes the batch and
+   ``optimizer_step`` runs the closure through :class:`ciuic.recovery.Recovery`
+   (:mod:`ciuic_lightning.recovery`); ``training_step`` gets a micro-batch in place of the batch
+   at a micro-batch rung; ``teardown`` logs the escalations. Refused (``ConfigError``) with
+   manual optimization and with ``accumulate_grad_batches > 1``, whose closures run outside
+   ``optimizer_step``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
 import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
 
 import ciuic
 from ciuic import CiuicConfig, ConfigError
 
 from . import optimizers as _optimizers
+from .recovery import RecoveringClosure
 
 CHECKPOINT_KEY = "ciuic"
 """Key of the Ciuic config in a Lightning checkpoint."""
@@ -74,6 +82,10 @@ class CiuicStrategyMixin:
         self.ciuic_config = resolve_config(config, fields)
         self.ciuic_handle = None
         self._ciuic_scope: contextlib.ExitStack | None = None
+        self.ciuic_recovery: ciuic.recovery.Recovery | None = None
+        """The OOM recovery of the run (with a ``budget``), built at ``setup_optimizers``."""
+        self.ciuic_batch: Any = None
+        self._ciuic_micro: Any = None
 
     # -- 3. apply ---------------------------------------------------------------------------
     def _apply_ciuic(self) -> None:
@@ -110,6 +122,33 @@ class CiuicStrategyMixin:
         for optimizer in self.optimizers:  # type: ignore[attr-defined]
             if isinstance(optimizer, ciuic.optim.CiuicAdamW):
                 _check_trainer(optimizer, trainer)
+        if config.budget is not None and self.ciuic_handle is not None:
+            _check_recoverable(trainer)
+            self.ciuic_recovery = ciuic.recovery.Recovery(self.ciuic_handle)
+
+    # -- 8. OOM recovery --------------------------------------------------------------------
+    def batch_to_device(self, batch: Any, device: Any = None, dataloader_idx: int = 0) -> Any:
+        self.ciuic_batch = super().batch_to_device(batch, device, dataloader_idx)  # type: ignore[misc]
+        return self.ciuic_batch
+
+    def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        recovery = self.ciuic_recovery
+        if recovery is not None and self.lightning_module.trainer.training:  # type: ignore[attr-defined]
+            closure = RecoveringClosure(closure, recovery, self, optimizer)
+        try:
+            return super().optimizer_step(optimizer, closure, model, **kwargs)  # type: ignore[misc]
+        finally:
+            if recovery is not None:
+                self.ciuic_config = recovery.handle.config  # checkpoints record the config that runs
+
+    @contextlib.contextmanager
+    def ciuic_micro_batch(self, part: Any) -> Iterator[None]:
+        """``training_step`` gets ``part`` in place of the batch inside this block (``None``: the batch)."""
+        self._ciuic_micro = part
+        try:
+            yield
+        finally:
+            self._ciuic_micro = None
 
     # -- 5. checkpoints ---------------------------------------------------------------------
     @property
@@ -132,6 +171,8 @@ class CiuicStrategyMixin:
     # -- 6. the step scope ------------------------------------------------------------------
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         self._leave_scope()
+        if self._ciuic_micro is not None:
+            args = (self._ciuic_micro, *args[1:])
         handle = self.ciuic_handle
         if handle is None:
             return super().training_step(*args, **kwargs)  # type: ignore[misc]
@@ -164,6 +205,8 @@ class CiuicStrategyMixin:
 
     def teardown(self) -> None:
         self._leave_scope()
+        if self.ciuic_recovery is not None and self.ciuic_recovery.escalations:
+            rank_zero_info(self.ciuic_recovery.report())
         super().teardown()  # type: ignore[misc]
 
 
@@ -182,6 +225,29 @@ def _check_trainer(optimizer: torch.optim.Optimizer, trainer: Any) -> None:
         grad_scaler=getattr(trainer.precision_plugin, "scaler", None) is not None,
         accumulation_steps=trainer.accumulate_grad_batches,
     )
+
+
+def _check_recoverable(trainer: Any) -> None:
+    """Refuse the Trainer settings under which a step's closure runs outside ``optimizer_step``."""
+    if not trainer.lightning_module.automatic_optimization:
+        raise ConfigError(
+            "budget= turns on OOM recovery, which retries Lightning's automatic-optimization closure: "
+            "with automatic_optimization=False it cannot see the step. Use automatic optimization, "
+            "or budget=None."
+        )
+    if trainer.world_size > 1:
+        raise ConfigError(
+            f"budget= turns on OOM recovery, which escalates each process on its own: with "
+            f"world_size={trainer.world_size} the processes would train under different configs (and "
+            f"wait on each other's gradients). Run on one device, or budget=None."
+        )
+    if trainer.accumulate_grad_batches != 1:
+        raise ConfigError(
+            f"budget= turns on OOM recovery, which cannot retry the batches that "
+            f"accumulate_grad_batches={trainer.accumulate_grad_batches} runs without an optimizer step: "
+            f"use accumulate_grad_batches=1 (recovery splits a batch into micro-batches itself when it "
+            f"must), or budget=None."
+        )
 
 
 def _warn_if_other_config(checkpoint: Mapping[str, Any], config: CiuicConfig) -> None:

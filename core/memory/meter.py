@@ -43,6 +43,7 @@ from torch.optim import optimizer as optim_module
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from ciuic.errors import BudgetExceededError
 from ciuic.units import format_bytes
 
 DEVICE_CATEGORIES = ("parameters", "gradients", "optimizer", "activations", "temporary")
@@ -222,6 +223,11 @@ class MemoryMeter:
             default CUDA when available, else CPU.
         track: Modules and optimizers built before the meter, whose existing tensors are to
             be counted (tensors allocated inside the meter are always counted).
+        budget: Device bytes the code may hold live; an allocation that takes the live total
+            over it raises :class:`ciuic.errors.BudgetExceededError` (a
+            ``torch.OutOfMemoryError``), as a device of that size would. ``None``: no limit.
+            This is how a CPU run enforces ``CiuicConfig(budget=...)`` and how tests make a
+            step run out of memory without a GPU.
 
     Example:
         >>> import torch
@@ -233,7 +239,16 @@ class MemoryMeter:
         4198400
     """
 
-    def __init__(self, *, device: str | torch.device | None = None, track: tuple[object, ...] = ()) -> None:
+    def __init__(
+        self,
+        *,
+        device: str | torch.device | None = None,
+        track: tuple[object, ...] = (),
+        budget: int | None = None,
+    ) -> None:
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+            raise ValueError(f"budget={budget!r} is not allowed: give an int number of bytes >= 1, or None.")
+        self.budget = budget
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -422,6 +437,19 @@ class MemoryMeter:
         if self._device_total > self._peak:
             self._peak = self._device_total
             self._peak_dirty = True
+        if self.budget is not None and delta > 0 and self._device_total > self.budget:
+            self._over_budget(delta)
+
+    def _over_budget(self, requested: int) -> None:
+        total, budget = self._device_total, self.budget
+        assert budget is not None
+        raise BudgetExceededError(
+            f"memory budget exceeded on {self.device}: an allocation of {format_bytes(requested)} "
+            f"({requested:,} B) takes the live total to {format_bytes(total)} ({total:,} B), over the "
+            f"budget of {format_bytes(budget)} ({budget:,} B).",
+            peak_bytes=total,
+            budget=budget,
+        )
 
     def _free_callback(self, key: int) -> Callable[[object], None]:
         return lambda _ref: self._free(key)
