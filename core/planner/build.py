@@ -82,7 +82,7 @@ def _builder(source: ModelSource) -> Callable[[], nn.Module]:
 
 
 def _is_hf_config(source: object) -> bool:
-    return any(cls.__name__ == "PretrainedConfig" for cls in type(source).__mro__)
+    return any(cls.__name__ in ("PreTrainedConfig", "PretrainedConfig") for cls in type(source).__mro__)
 
 
 def _from_hf_config(config: Any) -> nn.Module:
