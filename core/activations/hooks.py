@@ -468,7 +468,8 @@ class SavedTensorHooks:
             # inf or NaN in a group make its min/max (or absmax) non-finite: checking the
             # scales is as sound as checking the tensor, and reads far fewer elements
             # (not under fake tensors: they have no values, and a real run rarely falls back)
-            if self.options.check_finite and not is_fake(enc.meta) and not bool(torch.isfinite(enc.meta).all()):
+            finite_check = self.options.check_finite and not is_fake(enc.meta)
+            if finite_check and not bool(torch.isfinite(enc.meta).all()):
                 codec, kind, data, meta = "none", "raw", (flat.detach(),), None
         self.stats.packed += 1
         self.stats.by_codec[codec] = self.stats.by_codec.get(codec, 0) + 1

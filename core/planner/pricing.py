@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -50,12 +51,14 @@ class Pricing:
     @property
     def peak_bytes(self) -> int:
         """Device bytes at the peak."""
-        return self.reading.peak_bytes
+        peak: int = self.reading.peak_bytes
+        return peak
 
     @property
     def breakdown(self) -> dict[str, int]:
         """Device bytes by category at the peak, plus host bytes as ``offloaded``."""
-        return self.reading.peak_by_category
+        breakdown: dict[str, int] = self.reading.peak_by_category
+        return breakdown
 
 
 def price(
@@ -94,7 +97,7 @@ def price(
         fake: ``False`` runs the same steps on real tensors (to check a pricing).
         lr: The optimizer's learning rate (only the real run's values depend on it).
         extrapolate: For a Hugging Face config under fake tensors, price three short models
-            (1-3 decoder layers past the dense ones) and extrapolate to the full depth when
+            (2-4 decoder layers past the dense ones) and extrapolate to the full depth when
             their figures are affine in the layer count (else run the full model): the same
             bytes, several times faster. Not used with ``checkpointing`` other than
             ``'none'``/``'full'``, whose choice depends on the depth.
@@ -115,7 +118,15 @@ def price(
     _check_device(device, fake)
     started = time.perf_counter()
     run = functools.partial(
-        _price_once, config=cfg, seq_len=seq_len, batch=batch, lora=lora, device=device, steps=steps, fake=fake, lr=lr
+        _price_once,
+        config=cfg,
+        seq_len=seq_len,
+        batch=batch,
+        lora=lora,
+        device=device,
+        steps=steps,
+        fake=fake,
+        lr=lr,
     )
     layers = extrapolation_layers(model_or_builder, cfg) if fake and extrapolate else None
     reading = run(model_or_builder) if layers is None else _extrapolated(run, model_or_builder, layers)
@@ -154,7 +165,7 @@ def _extrapolated(
     *points, full = layers
     readings = [run(with_layers(source, n)) for n in points]
     figures = [_figures(r) for r in readings]
-    steps = [[b - a for a, b in zip(x, y, strict=True)] for x, y in zip(figures, figures[1:], strict=False)]
+    steps = [[b - a for a, b in zip(x, y, strict=True)] for x, y in itertools.pairwise(figures)]
     if steps[0] != steps[1] or any(d < 0 for d in steps[0]):
         return run(source)
     extra = (full - points[0]) // (points[1] - points[0])
@@ -163,7 +174,11 @@ def _extrapolated(
 
 
 def _figures(reading: MemoryReading) -> list[int]:
-    return [reading.peak_bytes, reading.peak_offloaded_bytes, *(reading.peak_by_category[c] for c in CATEGORIES)]
+    return [
+        reading.peak_bytes,
+        reading.peak_offloaded_bytes,
+        *(reading.peak_by_category[c] for c in CATEGORIES),
+    ]
 
 
 def _reading(device: str, values: list[int]) -> MemoryReading:
@@ -192,7 +207,14 @@ def _tensor_mode(fake: bool) -> Iterator[None]:
 
 
 def _run_steps(
-    model: nn.Module, config: CiuicConfig, *, seq_len: int, batch: int, device: torch.device, steps: int, lr: float
+    model: nn.Module,
+    config: CiuicConfig,
+    *,
+    seq_len: int,
+    batch: int,
+    device: torch.device,
+    steps: int,
+    lr: float,
 ) -> MemoryReading:
     handle = apply_(model, config)
     try:
@@ -222,5 +244,7 @@ def _vocab_size(model: nn.Module) -> int:
     config = getattr(model, "config", None)
     vocab = getattr(config, "vocab_size", None)
     if not isinstance(vocab, int):
-        raise TypeError(f"cannot price {type(model).__name__}: it has no config.vocab_size (a causal LM is needed).")
+        raise TypeError(
+            f"cannot price {type(model).__name__}: it has no config.vocab_size (a causal LM is needed)."
+        )
     return vocab

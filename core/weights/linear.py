@@ -34,7 +34,12 @@ from .functional import storage_bytes
 
 
 def _gemm_4bit_workspace(
-    A: torch.Tensor, B: torch.Tensor, shapeB: list[int], *args: Any, absmax_8bit: torch.Tensor | None = None, **kwargs: Any
+    A: torch.Tensor,
+    B: torch.Tensor,
+    shapeB: list[int],
+    *args: Any,
+    absmax_8bit: torch.Tensor | None = None,
+    **kwargs: Any,
 ) -> int:
     """What bitsandbytes' ``gemm_4bit`` kernel allocates inside itself (its default kernel, the
     one CPU and CUDA run): the dense weight in the input's dtype and, with double quantization,
@@ -146,13 +151,18 @@ def _fake_params_4bit(q: nn.Module, weight: torch.Tensor, format: str, double_qu
     import bitsandbytes.functional as bnbf
 
     data, state = bnbf.quantize_4bit(
-        weight.contiguous(), blocksize=64, compress_statistics=False, quant_type=format, quant_storage=torch.uint8
+        weight.contiguous(),
+        blocksize=64,
+        compress_statistics=False,
+        quant_type=format,
+        quant_storage=torch.uint8,
     )
     if double_quant:
         # quantize_4bit's own double quantization builds its 8-bit map with .tolist(), which
         # fake tensors cannot run: the same steps, with the map made outside fake mode.
         offset = state.absmax.mean()
-        absmax, state2 = bnbf.quantize_blockwise(state.absmax - offset, code=_fake_dynamic_map(), blocksize=256)
+        code = _fake_dynamic_map()
+        absmax, state2 = bnbf.quantize_blockwise(state.absmax - offset, code=code, blocksize=256)
         state = bnbf.QuantState(
             absmax=absmax,
             shape=state.shape,
@@ -168,7 +178,7 @@ def _fake_params_4bit(q: nn.Module, weight: torch.Tensor, format: str, double_qu
     attrs |= {"quant_type": format, "quant_storage": torch.uint8, "bnb_quantized": True, "module": q}
     for name, value in attrs.items():
         setattr(param, name, value)
-    q.quant_state = state
+    q.quant_state = state  # type: ignore[assignment]  # Linear4bit keeps its QuantState here too
     return param
 
 
@@ -187,7 +197,8 @@ def _real_dynamic_map() -> torch.Tensor:
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     with unset_fake_temporarily():
-        return bnbf.create_dynamic_map()
+        code: torch.Tensor = bnbf.create_dynamic_map()
+    return code
 
 
 def _fake_int8_params(weight: torch.Tensor) -> nn.Parameter:

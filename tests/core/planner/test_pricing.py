@@ -65,7 +65,9 @@ FAST = {("qwen2", "balanced"), ("deepseek_v3", "max")}
 """Pairs run by default; the rest of the matrix (about 10 s a pair on an idle 2-core CPU) is slow."""
 
 MATRIX = [
-    pytest.param(model, config, marks=() if (model, config) in FAST else pytest.mark.slow, id=f"{model}-{config}")
+    pytest.param(
+        model, config, marks=() if (model, config) in FAST else pytest.mark.slow, id=f"{model}-{config}"
+    )
     for model in MODELS
     for config in CONFIGS
 ]
@@ -117,6 +119,39 @@ def test_optimizer_tables_stay_real_after_a_fake_pricing() -> None:
     _price("qwen2", {"optimizer": "adamw8bit"}, fake=True)
     from ciuic.optim.quant import FORMATS
 
-    qmap, midpoints, lookup = FORMATS[8][0].tables(torch.device("cpu"))
+    qmap, _, lookup = FORMATS[8][0].tables(torch.device("cpu"))
     assert type(qmap) is torch.Tensor and type(lookup) is torch.Tensor
     assert qmap[-1].item() == 1.0
+
+
+def _qwen2_config(layers: int) -> Any:
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
+
+
+@pytest.mark.parametrize(
+    "config",
+    ["balanced", pytest.param("off", marks=pytest.mark.slow), pytest.param("max", marks=pytest.mark.slow)],
+)
+def test_extrapolated_depth_equals_the_full_fake_run(config: str) -> None:
+    """A 7-layer config priced from 2-, 3- and 4-layer runs gives the 7-layer run's figures."""
+    source = _qwen2_config(7)
+    full = price(source, config, seq_len=SEQ, batch=BATCH, lora=8, extrapolate=False)
+    extrapolated = price(source, config, seq_len=SEQ, batch=BATCH, lora=8)
+    assert extrapolated.reading == full.reading
+
+
+def test_fake_cuda_on_a_cpu_build_is_refused_before_building() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("needs a CPU-only build of torch (this one has CUDA)")
+    with pytest.raises(ciuic.ConfigError, match="device='cuda' needs a CUDA build"):
+        price(_qwen2_config(1), "off", seq_len=SEQ, batch=BATCH, device="cuda")
