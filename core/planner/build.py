@@ -44,7 +44,7 @@ def build_model(
         >>> from transformers import Qwen2Config
         >>> small = Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=128,
         ...                     num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
-        >>> build_model(small, lora=4, meta=True).model.embed_tokens.weight.device
+        >>> next(build_model(small, lora=4, meta=True).parameters()).device
         device(type='meta')
     """
     builder = _builder(source)
@@ -70,6 +70,38 @@ def materialize_(model: nn.Module, device: torch.device) -> nn.Module:
 
     materialized: nn.Module = model._apply(empty)
     return materialized
+
+
+def fake_model(
+    source: ModelSource,
+    *,
+    lora: int | Callable[[nn.Module], nn.Module] | None = None,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """The model of ``source`` on fake tensors of the active ``FakeTensorMode``, LoRA-wrapped.
+
+    The supported order: build on ``meta`` (random initialization skipped), wrap with PEFT
+    (which cannot wrap fake tensors), then give every tensor a fake storage on ``device``.
+
+    Example:
+        >>> import torch
+        >>> from torch._subclasses.fake_tensor import FakeTensorMode
+        >>> from transformers import Qwen2Config
+        >>> small = Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=128,
+        ...                     num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+        >>> with FakeTensorMode():
+        ...     model = fake_model(small, lora=4)
+        >>> type(model.base_model.model.lm_head.weight).__name__
+        'FakeTensor'
+    """
+    from torch._guards import detect_fake_mode
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    if detect_fake_mode() is None:
+        raise RuntimeError("fake_model needs an active FakeTensorMode: call it inside one.")
+    with unset_fake_temporarily():
+        model = build_model(source, lora=lora, meta=True)
+    return materialize_(model, torch.device(device))
 
 
 def extrapolation_layers(source: ModelSource, config: Any) -> tuple[int, int, int, int] | None:

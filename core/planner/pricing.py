@@ -25,7 +25,7 @@ from ciuic.config import CiuicConfig
 from ciuic.errors import ConfigError
 from ciuic.memory import CATEGORIES, MemoryMeter, MemoryReading
 
-from .build import ModelSource, build_model, extrapolation_layers, materialize_, with_layers
+from .build import ModelSource, build_model, extrapolation_layers, fake_model, with_layers
 
 LoraSpec = int | Callable[[nn.Module], nn.Module] | None
 """A LoRA rank (PEFT adapters on the model's attention and MLP projections), a function that
@@ -145,12 +145,11 @@ def _price_once(
     fake: bool,
     lr: float,
 ) -> MemoryReading:
-    model = build_model(model_or_builder, lora=lora, meta=fake)
     with _tensor_mode(fake):
         if fake:
-            materialize_(model, device)
+            model = fake_model(model_or_builder, lora=lora, device=device)
         else:
-            model.to(device)
+            model = build_model(model_or_builder, lora=lora, meta=False).to(device)
         reading = _run_steps(model, config, seq_len=seq_len, batch=batch, device=device, steps=steps, lr=lr)
     del model
     return reading
