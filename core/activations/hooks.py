@@ -413,7 +413,8 @@ class SavedTensorHooks:
             return self._keep(tensor)
         flat, layout = flat_layout
         storage = tensor.untyped_storage()
-        key = (layout.region or (storage_key(storage), tensor.shape, tensor.stride(), tensor._version), codec)
+        view = (storage_key(storage), tensor.storage_offset(), tensor.shape, tensor.stride(), tensor._version)
+        key = (layout.region or view, codec)
         entry = self._entries.get(key)
         if entry is not None and entry.storage() is storage:
             self.stats.deduplicated += 1
