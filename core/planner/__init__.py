@@ -1,0 +1,29 @@
+"""The planner: will a fine-tuning step fit, and with which config?
+
+``ciuic.plan(model_or_shape, seq_len=, batch=, budget=, lora=)`` prices candidate configs by
+running the training step of the full-size model on fake tensors (:func:`price`) and returns
+the cheapest one, in expected step time (:mod:`ciuic.planner.cost`), whose peak fits the
+budget less a margin (:mod:`ciuic.planner.margin`). :func:`escalations` is the order the OOM
+recovery follows.
+"""
+
+from .escalate import escalations, micro_batch_counts
+from .margin import margin_bytes
+from .plan_result import Candidate, Plan
+from .recipes import qlora_recipe
+from .search import plan
+from .shapes import SHAPES, count_parameters, empty_model, load_shape
+
+__all__ = [
+    "SHAPES",
+    "Candidate",
+    "Plan",
+    "count_parameters",
+    "empty_model",
+    "escalations",
+    "load_shape",
+    "margin_bytes",
+    "micro_batch_counts",
+    "plan",
+    "qlora_recipe",
+]
