@@ -26,10 +26,14 @@ the same inputs give the same codes on CPU and CUDA.
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch._guards import detect_fake_mode
+from torch.utils._python_dispatch import _disable_current_modes
 
 MIN_QUANTIZED_NUMEL = 4096
 """Tensors with fewer elements keep fp32 states (bitsandbytes' ``min_8bit_size``): their states
@@ -77,11 +81,12 @@ def dynamic_map(*, signed: bool, max_exponent_bits: int = 7, total_bits: int = 8
 
 
 def _means(items: int, scale: float, signed: bool) -> list[float]:
-    boundaries = torch.linspace(0.1, 1, items, dtype=torch.float32)
-    means = (boundaries[:-1] + boundaries[1:]) / 2.0
-    out: list[float] = (scale * means).tolist()
-    if signed:
-        out += (-scale * means).tolist()
+    with _disable_current_modes():  # Python floats: real tensors even under FakeTensorMode
+        boundaries = torch.linspace(0.1, 1, items, dtype=torch.float32)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        out: list[float] = (scale * means).tolist()
+        if signed:
+            out += (-scale * means).tolist()
     return out
 
 
@@ -92,7 +97,9 @@ def linear_map_without_zero(bits: int) -> list[float]:
         >>> linear_map_without_zero(4)[:2]
         [0.0625, 0.125]
     """
-    return torch.linspace(0, 1, 2**bits + 1, dtype=torch.float32)[1:].tolist()
+    with _disable_current_modes():  # Python floats: real tensors even under FakeTensorMode
+        values: list[float] = torch.linspace(0, 1, 2**bits + 1, dtype=torch.float32)[1:].tolist()
+    return values
 
 
 @dataclass(frozen=True)
@@ -125,14 +132,41 @@ class StateFormat:
         return _tables(self.values, torch.device(device))
 
 
+Tables = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+_FAKE_TABLES: weakref.WeakKeyDictionary[Any, dict[tuple[tuple[float, ...], torch.device], Tables]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _tables(values: tuple[float, ...], device: torch.device) -> Tables:
+    fake_mode = detect_fake_mode()
+    if fake_mode is None:
+        return _device_tables(values, device)
+    # Under FakeTensorMode: fake copies of the real tables, made once per fake mode and device
+    # as on a real device (never cached globally: a fake tensor must not outlive its mode).
+    per_mode = _FAKE_TABLES.setdefault(fake_mode, {})
+    if (values, device) not in per_mode:
+        cpu = _cpu_tables(values)
+        per_mode[values, device] = tuple(fake_mode.from_tensor(t).to(device) for t in cpu)  # type: ignore[assignment]
+    return per_mode[values, device]
+
+
 @functools.cache
-def _tables(
-    values: tuple[float, ...], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    qmap = torch.tensor(values, dtype=torch.float32)
-    midpoints = (qmap[:-1] + qmap[1:]) / 2
-    lookup = _lookup_table(midpoints)
+def _device_tables(values: tuple[float, ...], device: torch.device) -> Tables:
+    qmap, midpoints, lookup = _cpu_tables(values)
     return qmap.to(device), midpoints.to(device), lookup.to(device)
+
+
+@functools.cache
+def _cpu_tables(values: tuple[float, ...]) -> Tables:
+    # Built outside every dispatch mode: the lookup's construction is data-dependent (a boolean
+    # mask, a check), which FakeTensorMode cannot run, and the tables are constants, not memory
+    # a training step allocates.
+    with _disable_current_modes():
+        qmap = torch.tensor(values, dtype=torch.float32)
+        midpoints = (qmap[:-1] + qmap[1:]) / 2
+        return qmap, midpoints, _lookup_table(midpoints)
 
 
 def _lookup_table(midpoints: torch.Tensor) -> torch.Tensor:

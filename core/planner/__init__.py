@@ -7,9 +7,11 @@ budget less a margin (:mod:`ciuic.planner.margin`). :func:`escalations` is the o
 recovery follows.
 """
 
+from .build import build_model, materialize_
 from .escalate import escalations, micro_batch_counts
 from .margin import margin_bytes
 from .plan_result import Candidate, Plan
+from .pricing import Pricing, price
 from .recipes import qlora_recipe
 from .search import plan
 from .shapes import SHAPES, count_parameters, empty_model, load_shape
@@ -18,12 +20,16 @@ __all__ = [
     "SHAPES",
     "Candidate",
     "Plan",
+    "Pricing",
+    "build_model",
     "count_parameters",
     "empty_model",
     "escalations",
     "load_shape",
     "margin_bytes",
+    "materialize_",
     "micro_batch_counts",
     "plan",
+    "price",
     "qlora_recipe",
 ]

@@ -10,12 +10,15 @@ that), and ``Linear8bitLt`` refuses to load once a forward has moved its scales 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import Any
 
 import torch
 from torch import nn
 
 from ciuic.memory import tag_tensor
+from ciuic.memory.fake import is_fake
 
 from .functional import storage_bytes
 
@@ -41,28 +44,37 @@ def quantize_linear(linear: nn.Linear, format: str, *, double_quant: bool = Fals
     from bitsandbytes.nn import modules as bnbm
 
     weight = linear.weight.detach()
+    fake = is_fake(weight)
     q: nn.Linear
     if format == "int8":
-        q = bnbm.Linear8bitLt(
-            linear.in_features, linear.out_features, bias=False, has_fp16_weights=False, device="meta"
-        )
-        int8 = bnbm.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
-        q.weight = int8._quantize(weight.device)
+        with _real_construction(fake):
+            q = bnbm.Linear8bitLt(
+                linear.in_features, linear.out_features, bias=False, has_fp16_weights=False, device="meta"
+            )
+        if fake:
+            q.weight = _fake_int8_params(weight)
+        else:
+            int8 = bnbm.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+            q.weight = int8._quantize(weight.device)
         q.register_load_state_dict_pre_hook(_restore_int8_scales)
         q.__dict__["ciuic_dtype"] = weight.dtype  # LLM.int8 keeps no record of it: dense_state_dict reads it
     elif format in ("nf4", "fp4"):
-        q = bnbm.Linear4bit(
-            linear.in_features,
-            linear.out_features,
-            bias=False,
-            compute_dtype=weight.dtype,
-            compress_statistics=double_quant,
-            quant_type=format,
-            device="meta",
-        )
-        q.weight = bnbm.Params4bit(
-            weight, requires_grad=False, compress_statistics=double_quant, quant_type=format, module=q
-        )._quantize(weight.device)
+        with _real_construction(fake):
+            q = bnbm.Linear4bit(
+                linear.in_features,
+                linear.out_features,
+                bias=False,
+                compute_dtype=weight.dtype,
+                compress_statistics=double_quant,
+                quant_type=format,
+                device="meta",
+            )
+        if fake:
+            q.weight = _fake_params_4bit(q, weight, format, double_quant)
+        else:
+            q.weight = bnbm.Params4bit(
+                weight, requires_grad=False, compress_statistics=double_quant, quant_type=format, module=q
+            )._quantize(weight.device)
         q.register_load_state_dict_pre_hook(_load_4bit_state)
         # bitsandbytes 0.50.2 repacks a 4-bit weight in place for its avx512-bf16 CPU kernel on
         # the first eval/no-grad forward, rounding the scales to bf16; its inverse (run by
@@ -79,6 +91,81 @@ def quantize_linear(linear: nn.Linear, format: str, *, double_quant: bool = Fals
     for tensor in _stored_tensors(q):
         tag_tensor(tensor, "parameters")
     return q
+
+
+def _real_construction(fake: bool) -> contextlib.AbstractContextManager[Any]:
+    """Outside FakeTensorMode while a bitsandbytes layer is built on ``meta``: its parameter
+    classes (``Params4bit``, ``Int8Params``) are tensor subclasses, which cannot wrap a fake
+    tensor; the fake weight replaces the meta one right after."""
+    if not fake:
+        return contextlib.nullcontext()
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    return unset_fake_temporarily()
+
+
+def _fake_params_4bit(q: nn.Module, weight: torch.Tensor, format: str, double_quant: bool) -> nn.Parameter:
+    """What ``Params4bit._quantize`` makes, on fake tensors: bitsandbytes' own ``quantize_4bit``
+    (its fake kernels give the packed ``((n + 1) // 2, 1)`` uint8 data, the fp32 absmax and,
+    with double quantization, the 8-bit absmax and its state), held by a plain parameter that
+    carries the same attributes as ``Params4bit``; ``Linear4bit.forward`` and ``matmul_4bit``
+    then run unchanged."""
+    import bitsandbytes.functional as bnbf
+
+    data, state = bnbf.quantize_4bit(
+        weight.contiguous(), blocksize=64, compress_statistics=False, quant_type=format, quant_storage=torch.uint8
+    )
+    if double_quant:
+        # quantize_4bit's own double quantization builds its 8-bit map with .tolist(), which
+        # fake tensors cannot run: the same steps, with the map made outside fake mode.
+        offset = state.absmax.mean()
+        absmax, state2 = bnbf.quantize_blockwise(state.absmax - offset, code=_fake_dynamic_map(), blocksize=256)
+        state = bnbf.QuantState(
+            absmax=absmax,
+            shape=state.shape,
+            dtype=state.dtype,
+            blocksize=64,
+            code=state.code,
+            quant_type=format,
+            offset=offset,
+            state2=state2,
+        )
+    param = nn.Parameter(data, requires_grad=False)
+    attrs = {"quant_state": state, "blocksize": 64, "compress_statistics": double_quant}
+    attrs |= {"quant_type": format, "quant_storage": torch.uint8, "bnb_quantized": True, "module": q}
+    for name, value in attrs.items():
+        setattr(param, name, value)
+    q.quant_state = state
+    return param
+
+
+def _fake_dynamic_map() -> torch.Tensor:
+    """bitsandbytes' 8-bit dynamic map as a fake tensor of the active fake mode."""
+    from torch._guards import detect_fake_mode
+
+    fake_mode = detect_fake_mode()
+    assert fake_mode is not None, "only called under FakeTensorMode"
+    return fake_mode.from_tensor(_real_dynamic_map())
+
+
+@functools.cache
+def _real_dynamic_map() -> torch.Tensor:
+    import bitsandbytes.functional as bnbf
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        return bnbf.create_dynamic_map()
+
+
+def _fake_int8_params(weight: torch.Tensor) -> nn.Parameter:
+    """What ``Int8Params._quantize`` makes, on fake tensors: int8 codes of the weight's shape and
+    one fp32 scale per row (``SCB``), from bitsandbytes' ``int8_vectorwise_quant``."""
+    import bitsandbytes.functional as bnbf
+
+    codes, scales, _ = bnbf.int8_vectorwise_quant(weight.contiguous().to(torch.float16))
+    param = nn.Parameter(codes, requires_grad=False)
+    param.CB, param.SCB, param.has_fp16_weights = codes, scales, False  # type: ignore[attr-defined]
+    return param
 
 
 def dequantize_linear(q: Any) -> torch.Tensor:

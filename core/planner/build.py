@@ -1,0 +1,106 @@
+"""Building the model a pricing runs: on ``meta`` (no storage, no random initialization) for
+fake tensors, or for real; wrapped with PEFT LoRA when asked.
+
+PEFT cannot wrap a model whose tensors are already fake, so the order is: build on ``meta``,
+wrap, then :func:`materialize_` inside ``FakeTensorMode`` (what ``Module.to_empty`` does, with
+fake storages on the target device).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+ModelSource = Callable[[], nn.Module] | Any
+"""A function returning the model, or a Hugging Face ``PretrainedConfig`` of a causal LM."""
+
+LORA_TARGET_NAMES = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "q_a_proj",
+    "q_b_proj",
+    "kv_a_proj_with_mqa",
+    "kv_b_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
+"""Module names an integer ``lora`` rank targets (those the model has): the attention and MLP
+projections of Llama/Qwen2 and of DeepSeek-V2/V3 (MLA); never router gates or the head."""
+
+
+def build_model(
+    source: ModelSource, *, lora: int | Callable[[nn.Module], nn.Module] | None, meta: bool
+) -> nn.Module:
+    """The model to price: built from ``source``, LoRA-wrapped, on ``meta`` when ``meta``.
+
+    Example:
+        >>> from transformers import Qwen2Config
+        >>> small = Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=128,
+        ...                     num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+        >>> build_model(small, lora=4, meta=True).model.embed_tokens.weight.device
+        device(type='meta')
+    """
+    builder = _builder(source)
+    if meta:
+        with torch.device("meta"):
+            model = builder()
+    else:
+        model = builder()
+    return _with_lora(model, lora)
+
+
+def materialize_(model: nn.Module, device: torch.device) -> nn.Module:
+    """Give every parameter and buffer of a ``meta`` model an (uninitialized) storage on
+    ``device``, in place, keeping shapes, strides, dtypes and ``requires_grad``.
+
+    Inside ``FakeTensorMode`` the storages are fake: a full-size model costs nothing.
+    ``Module.to_empty`` cannot do this under fake mode (its ``empty_like`` takes the meta
+    tensor as an input, which fake mode refuses).
+    """
+
+    def empty(tensor: torch.Tensor) -> torch.Tensor:
+        return torch.empty_strided(tensor.size(), tensor.stride(), dtype=tensor.dtype, device=device)
+
+    return model._apply(empty)
+
+
+def _builder(source: ModelSource) -> Callable[[], nn.Module]:
+    if callable(source) and not _is_hf_config(source):
+        return source  # type: ignore[no-any-return]
+    if _is_hf_config(source):
+        return lambda: _from_hf_config(source)
+    raise TypeError(
+        f"cannot price {type(source).__name__}: pass a function returning the model or a "
+        f"transformers PretrainedConfig."
+    )
+
+
+def _is_hf_config(source: object) -> bool:
+    return any(cls.__name__ == "PretrainedConfig" for cls in type(source).__mro__)
+
+
+def _from_hf_config(config: Any) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(config, "dtype", None) or torch.float32
+    model: nn.Module = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model
+
+
+def _with_lora(model: nn.Module, lora: int | Callable[[nn.Module], nn.Module] | None) -> nn.Module:
+    if lora is None:
+        return model
+    if callable(lora):
+        return lora(model)
+    from peft import LoraConfig, get_peft_model
+
+    present = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    targets = [name for name in LORA_TARGET_NAMES if name in present]
+    wrapped: nn.Module = get_peft_model(model, LoraConfig(r=lora, lora_alpha=2 * lora, target_modules=targets))
+    return wrapped

@@ -1,0 +1,158 @@
+"""Pricing a config by running the training step: ``price`` runs real training steps of a model
+under ``FakeTensorMode`` (no memory, no GPU) inside a :class:`ciuic.MemoryMeter` and returns the
+peak and its breakdown by category.
+
+The same code runs on real tensors (``fake=False``): that is how the tests hold the fake figure
+to the measured one, config by config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from ciuic.api import apply_, as_config, build_optimizer, remove_, step_scope
+from ciuic.config import CiuicConfig
+from ciuic.memory import MemoryMeter, MemoryReading
+
+from .build import ModelSource, build_model, materialize_
+
+LoraSpec = int | Callable[[nn.Module], nn.Module] | None
+"""A LoRA rank (PEFT adapters on the model's attention and MLP projections), a function that
+wraps the model itself, or ``None`` for full fine-tuning."""
+
+
+@dataclass(frozen=True)
+class Pricing:
+    """What one pricing found.
+
+    Attributes:
+        config: The config priced.
+        reading: The meter's figures over the priced steps (peak, breakdown at the peak, host).
+        seconds: Wall time of the pricing (build, apply, steps).
+        fake: Whether it ran on fake tensors.
+    """
+
+    config: CiuicConfig
+    reading: MemoryReading
+    seconds: float
+    fake: bool
+
+    @property
+    def peak_bytes(self) -> int:
+        """Device bytes at the peak."""
+        return self.reading.peak_bytes
+
+    @property
+    def breakdown(self) -> dict[str, int]:
+        """Device bytes by category at the peak, plus host bytes as ``offloaded``."""
+        return self.reading.peak_by_category
+
+
+def price(
+    model_or_builder: ModelSource,
+    config: CiuicConfig | str | Mapping[str, Any],
+    *,
+    seq_len: int,
+    batch: int,
+    lora: LoraSpec = None,
+    device: str | torch.device = "cuda",
+    steps: int = 2,
+    fake: bool = True,
+    lr: float = 1e-4,
+) -> Pricing:
+    """The peak memory of ``steps`` training steps of a model under ``config``.
+
+    Each step is a forward with labels, a backward, the optimizer step (``ciuic.build_optimizer``)
+    and ``zero_grad``, run inside ``ciuic.step_scope``: two steps, so that the optimizer states
+    of the second are in the peak. With ``fake=True`` the model is built on ``meta`` (no random
+    initialization), wrapped with LoRA, then given fake storages on ``device``: nothing is
+    allocated and a full-size model prices on a CPU. Nothing fake outlives the call.
+
+    Args:
+        model_or_builder: A function returning the model, a Hugging Face config (the model is
+            built from it with ``AutoModelForCausalLM.from_config``), or a Hugging Face model
+            (rebuilt from its config; the model itself is left alone).
+        config: The ciuic config to price (a ``CiuicConfig``, preset name or mapping).
+        seq_len: Tokens per sample.
+        batch: Samples per step.
+        lora: A LoRA rank, a function wrapping the model, or ``None`` (full fine-tuning).
+        device: The device the step runs on (fake ``"cuda"`` works on a CPU-only build).
+        steps: Training steps to run (at least 1).
+        fake: ``False`` runs the same steps on real tensors (to check a pricing).
+        lr: The optimizer's learning rate (only the real run's values depend on it).
+
+    Returns:
+        A :class:`Pricing`.
+
+    Example:
+        >>> from ciuic.planner import price
+        >>> from transformers import Qwen2Config
+        >>> small = Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=128,
+        ...                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+        >>> price(small, "balanced", seq_len=32, batch=1, lora=8, device="cpu").peak_bytes > 0
+        True
+    """
+    cfg = as_config(config)
+    device = torch.device(device)
+    started = time.perf_counter()
+    model = build_model(model_or_builder, lora=lora, meta=fake)
+    with _tensor_mode(fake):
+        if fake:
+            materialize_(model, device)
+        else:
+            model.to(device)
+        reading = _run_steps(model, cfg, seq_len=seq_len, batch=batch, device=device, steps=steps, lr=lr)
+    del model
+    return Pricing(cfg, reading, time.perf_counter() - started, fake)
+
+
+@contextlib.contextmanager
+def _tensor_mode(fake: bool) -> Iterator[None]:
+    if not fake:
+        yield
+        return
+    with FakeTensorMode():
+        yield
+
+
+def _run_steps(
+    model: nn.Module, config: CiuicConfig, *, seq_len: int, batch: int, device: torch.device, steps: int, lr: float
+) -> MemoryReading:
+    handle = apply_(model, config)
+    try:
+        optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], config, lr=lr)
+        vocab = _vocab_size(model)
+        tokens = torch.randint(0, vocab, (batch, seq_len), device=device)
+        with MemoryMeter(device=device, track=(model, optimizer)) as meter:
+            for _ in range(steps):
+                _train_step(model, optimizer, tokens)
+        del optimizer
+        return meter.reading()
+    finally:
+        del handle
+        remove_(model)
+
+
+def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, tokens: torch.Tensor) -> None:
+    with step_scope(model):
+        loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+    del loss
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _vocab_size(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None)
+    if not isinstance(vocab, int):
+        raise TypeError(f"cannot price {type(model).__name__}: it has no config.vocab_size (a causal LM is needed).")
+    return vocab
