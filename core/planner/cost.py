@@ -57,7 +57,7 @@ def slowdown(knobs: Knobs) -> float:
     """Expected step time of ``knobs``'s config over the plain step's (1.0: no slower)."""
     total = 1.0
     share = SAVED_SHARE[knobs.checkpointing]
-    for name, rank in zip(OVERHEAD, knobs.ranks()):
+    for name, rank in zip(OVERHEAD, knobs.ranks(), strict=True):
         cost = OVERHEAD[name][rank]
         total += cost * share if name in _ON_SAVED else cost
         total += TIE if rank else 0.0

@@ -19,8 +19,9 @@ than a step offers is never made less so (``int2`` stays ``int2``).
 Example:
     >>> from ciuic import CiuicConfig
     >>> from ciuic.planner import escalations
-    >>> [sorted(c.requested()) for c in escalations(CiuicConfig(loss="chunked", activations="int4"))]
-    [['activations', 'checkpointing', 'loss'], ['activations', 'checkpointing', 'loss'], ['activations', 'checkpointing', 'loss', 'offload']]
+    >>> steps = escalations(CiuicConfig(loss="chunked", activations="int4"))
+    >>> [(c.to_dict()["checkpointing"], c.to_dict()["offload"]) for c in steps]
+    [(2, []), ('full', []), ('full', ['activations'])]
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ class Knobs:
 
     def dominated_by(self, other: Knobs) -> bool:
         """Whether ``other`` compresses at least as much as ``self`` in every technique."""
-        return all(a <= b for a, b in zip(self.ranks(), other.ranks()))
+        return all(a <= b for a, b in zip(self.ranks(), other.ranks(), strict=True))
 
     def config(self, **extra: Any) -> CiuicConfig:
         """The config of these ranks (``extra``: other fields, e.g. ``budget``)."""

@@ -14,7 +14,7 @@ So a config *fits* ``budget`` when its priced peak is at most ``budget - margin_
 second. The CUDA-gated test ``tests/core/planner/test_cuda.py`` and ``python bench/planner.py``
 on a CUDA machine compare the prediction with ``torch.cuda.max_memory_allocated``.
 
->>> margin_bytes(8 * 2**30) / 2**30
+>>> round(margin_bytes(8 * 2**30) / 2**30, 2)
 1.8
 """
 

@@ -31,6 +31,10 @@ class Candidate:
         fits: Whether ``peak_bytes`` is within the budget less the margin.
         slowdown: Expected step time over the plain step's (the cost model, ``ciuic.planner.cost``).
         seconds: Wall time of its pricing.
+        full_size: ``True``: priced on the full-size model; ``False``: extrapolated from two
+            pricings of the model cut to fewer decoder blocks (the search's probes; a config
+            whose probe fits is priced again at full size before it is chosen).
+        error: Why the pricing failed (``""``: it did not); such a candidate never fits.
     """
 
     config: CiuicConfig
@@ -39,6 +43,8 @@ class Candidate:
     fits: bool
     slowdown: float
     seconds: float
+    full_size: bool = True
+    error: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: the config as ``CiuicConfig.to_dict`` writes it, the bytes, fits, slowdown."""
@@ -48,6 +54,8 @@ class Candidate:
             "breakdown": dict(self.breakdown),
             "fits": self.fits,
             "slowdown": round(self.slowdown, 4),
+            "full_size": self.full_size,
+            **({"error": self.error} if self.error else {}),
         }
 
     def label(self) -> str:
@@ -84,7 +92,7 @@ class Plan:
     @property
     def chosen(self) -> Candidate | None:
         """The fitting candidate of least expected slowdown, or ``None``."""
-        fitting = [c for c in self.candidates if c.fits]
+        fitting = [c for c in self.candidates if c.fits and c.full_size]
         return min(fitting, key=lambda c: (c.slowdown, c.peak_bytes)) if fitting else None
 
     @property
@@ -95,7 +103,8 @@ class Plan:
     @property
     def best(self) -> Candidate:
         """The chosen candidate, or (nothing fits) the one of lowest peak."""
-        return self.chosen or min(self.candidates, key=lambda c: c.peak_bytes)
+        priced = [c for c in self.candidates if not c.error] or list(self.candidates)
+        return self.chosen or min(priced, key=lambda c: c.peak_bytes)
 
     @property
     def config(self) -> CiuicConfig:
@@ -132,8 +141,14 @@ class Plan:
 
     def table(self) -> str:
         """A text table: each candidate's peak by category (GiB), fits, expected slowdown."""
-        short = {"parameters": "params", "gradients": "grads", "optimizer": "optim",
-                 "activations": "acts", "temporary": "temp", "offloaded": "host"}
+        short = {
+            "parameters": "params",
+            "gradients": "grads",
+            "optimizer": "optim",
+            "activations": "acts",
+            "temporary": "temp",
+            "offloaded": "host",
+        }
         cats = (*DEVICE_CATEGORIES, "offloaded")
         width = max([len(c.label()) for c in self.candidates] + [6])
         head = f"  {'config':<{width}} {'peak':>7}" + "".join(f"{short[c]:>7}" for c in cats)
@@ -141,15 +156,18 @@ class Plan:
             f"budget {self.budget / GIB:.2f} GiB, margin {self.margin / GIB:.2f} GiB (CUDA context, "
             f"fragmentation, NCCL: not in a fake step); {self.batch} x {self.seq_len} tokens, "
             + (f"LoRA rank {self.lora}" if self.lora is not None else "full fine-tuning"),
-            head + f"{'fits':>6}{'slower':>8}",
+            head + f"{'fits':>6}{'slower':>8}{'priced':>8}",
         ]
         chosen = self.chosen
         for c in self.candidates:
             mark = "*" if c is chosen else " "
+            if c.error:
+                lines.append(f"{mark} {c.label():<{width}} pricing failed: {c.error}")
+                continue
             cells = "".join(f"{c.breakdown.get(cat, 0) / GIB:>7.2f}" for cat in cats)
             lines.append(
                 f"{mark} {c.label():<{width}} {c.peak_bytes / GIB:>7.2f}{cells}"
-                f"{'yes' if c.fits else 'no':>6}{c.slowdown:>7.2f}x"
+                f"{'yes' if c.fits else 'no':>6}{c.slowdown:>7.2f}x{'full' if c.full_size else 'probe':>8}"
             )
         lines.append(self._footer())
         return "\n".join(lines)
@@ -158,6 +176,7 @@ class Plan:
         notes = [f"{len(self.candidates)} priced, {self.skipped} skipped unpriced, {self.seconds:.0f} s"]
         if self.stopped:
             notes.append(self.stopped)
+        notes.append("probe: extrapolated from 2 cut-depth pricings")
         notes.append("slowdown: cost model calibrated on the bench scripts (ciuic.planner.cost)")
         verdict = "* chosen" if self.fits else "nothing fits: the lowest peak is shown as the config"
         return f"{verdict}; " + "; ".join(notes)

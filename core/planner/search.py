@@ -33,12 +33,12 @@ from ciuic.units import parse_bytes
 
 from .cost import slowdown
 from .floor import weight_floor
-from .knobs import Knobs, grid
+from .knobs import Knobs, grid, knobs_of
 from .margin import margin_bytes
 from .plan_result import Candidate, Plan
-from .shapes import empty_model, load_shape
+from .shapes import ShapeBuilder, dense_prefix, empty_model, load_shape
 
-LADDER = (
+LADDER: tuple[dict[str, int], ...] = (
     {},
     {"loss": 1},
     {"weights": 1},
@@ -55,6 +55,10 @@ LADDER = (
 
 BUCKET = 0.01
 """Configs whose expected slowdowns differ by less than this are taken as equally fast."""
+
+DEVICE = "cpu"
+"""Device of the fake tensors: fake CPU tensors (the CPU build of torch aborts on backward through
+fake CUDA leaf tensors); the bytes counted are the same."""
 
 Progress = Callable[[int, Candidate], None]
 """Called after each pricing with the number priced so far and the candidate priced."""
@@ -141,7 +145,14 @@ class _Search:
     """The state of one search: what was priced, what did not fit."""
 
     def __init__(
-        self, source: Any, *, seq_len: int, batch: int, budget: int, lora: int | None, progress: Progress | None
+        self,
+        source: Any,
+        *,
+        seq_len: int,
+        batch: int,
+        budget: int,
+        lora: int | None,
+        progress: Progress | None,
     ) -> None:
         self.source, self.seq_len, self.batch, self.budget, self.lora = source, seq_len, batch, budget, lora
         self.usable = budget - margin_bytes(budget)
@@ -150,7 +161,10 @@ class _Search:
         self.failed: list[Knobs] = []
         self.skipped = 0
         self.stopped = ""
-        meta = empty_model(source, dtype=getattr(source, "dtype", None) or _bf16())
+        self.builder = ShapeBuilder(source)
+        self.layers = int(source.num_hidden_layers)
+        self.prefix = dense_prefix(source)
+        meta = empty_model(source)
         ranks = range(3) if lora is not None else range(1)
         self.floors = {rank: weight_floor(meta, weights_rank=rank) for rank in ranks}
 
@@ -194,31 +208,65 @@ class _Search:
 
     def price_all(self, configs: list[CiuicConfig]) -> None:
         for config in configs:
-            self._price_config(config, None)
+            self._record(self._full(config, knobs_of(config)))
 
     def _price(self, knobs: Knobs) -> Candidate:
-        candidate = self._price_config(knobs.config(), knobs)
-        if not candidate.fits:
+        """Probe ``knobs`` at reduced depth; price the full-size step when the probe fits."""
+        try:
+            candidate = self._probe(knobs)
+            if candidate is None or candidate.fits:
+                candidate = self._full(knobs.config(), knobs)
+        except Exception as error:  # reported in the table, never hidden: the search goes on
+            candidate = Candidate(knobs.config(), 0, {}, False, slowdown(knobs), 0.0, error=_say(error))
+        self._record(candidate)
+        if not candidate.fits and not candidate.error:
             self.failed.append(knobs)
         return candidate
 
-    def _price_config(self, config: CiuicConfig, knobs: Knobs | None) -> Candidate:
-        from .pricing import price
-
-        pricing = price(self.source, config, seq_len=self.seq_len, batch=self.batch, lora=self.lora)
-        peak = pricing.peak_bytes
-        candidate = Candidate(
+    def _full(self, config: CiuicConfig, knobs: Knobs) -> Candidate:
+        pricing = self._pricing(self.builder, config)
+        return Candidate(
             config=config,
-            peak_bytes=peak,
+            peak_bytes=pricing.peak_bytes,
             breakdown=dict(pricing.breakdown),
-            fits=peak <= self.usable,
-            slowdown=slowdown(knobs) if knobs is not None else _slowdown_of(config),
+            fits=pricing.peak_bytes <= self.usable,
+            slowdown=slowdown(knobs),
             seconds=pricing.seconds,
         )
+
+    def _probe(self, knobs: Knobs) -> Candidate | None:
+        """The peak extrapolated from two reduced-depth pricings, or None for a shallow model."""
+        step = 2 if knobs.checkpointing == 1 else 1  # every 2nd block: probe whole periods
+        depths = (self.prefix + step, self.prefix + 2 * step)
+        if depths[1] >= self.layers:
+            return None
+        config = knobs.config()
+        low, high = (self._pricing(ShapeBuilder(self.source, layers=d), config) for d in depths)
+        scale = (self.layers - depths[0]) / (depths[1] - depths[0])
+        breakdown = {
+            key: int(low.breakdown[key] + scale * (high.breakdown[key] - low.breakdown[key]))
+            for key in low.breakdown
+        }
+        peak = int(low.peak_bytes + scale * (high.peak_bytes - low.peak_bytes))
+        return Candidate(
+            config=config,
+            peak_bytes=peak,
+            breakdown=breakdown,
+            fits=peak <= self.usable,
+            slowdown=slowdown(knobs),
+            seconds=low.seconds + high.seconds,
+            full_size=False,
+        )
+
+    def _pricing(self, builder: ShapeBuilder, config: CiuicConfig) -> Any:
+        from .pricing import price
+
+        return price(builder, config, seq_len=self.seq_len, batch=self.batch, lora=self.lora, device=DEVICE)
+
+    def _record(self, candidate: Candidate) -> None:
         self.priced.append(candidate)
         if self.progress is not None:
             self.progress(len(self.priced), candidate)
-        return candidate
 
     def result(self, seconds: float) -> Plan:
         return Plan(
@@ -234,13 +282,7 @@ class _Search:
         )
 
 
-def _slowdown_of(config: CiuicConfig) -> float:
-    from .knobs import knobs_of
+def _say(error: Exception) -> str:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {first}"[:160]
 
-    return slowdown(knobs_of(config))
-
-
-def _bf16() -> Any:
-    import torch
-
-    return torch.bfloat16
