@@ -3,8 +3,9 @@
 The search prices configs (:func:`ciuic.planner.price`: one real training step, twice, of the
 full-size model on fake tensors) in two phases over the grid of :mod:`ciuic.planner.knobs`:
 
-1. the *ladder*: configs each one technique more compressed than the one before (cheap
-   techniques first, :data:`LADDER`), priced until one fits;
+1. the *ladder*: from the plain config, each config one technique more compressed than the one
+   before, the technique chosen to shrink the largest category of the last peak (:data:`MOVES`),
+   priced until one fits;
 2. the grid points cheaper than that one by the cost model (:mod:`ciuic.planner.cost`), in order
    of expected step time (the most compressed first among those within :data:`BUCKET` of each
    other), each priced unless it is *dominated*: compressing no more than a config that was
@@ -38,20 +39,15 @@ from .margin import margin_bytes
 from .plan_result import Candidate, Plan
 from .shapes import ShapeBuilder, dense_prefix, empty_model, load_shape
 
-LADDER: tuple[dict[str, int], ...] = (
-    {},
-    {"loss": 1},
-    {"weights": 1},
-    {"optimizer": 1},
-    {"weights": 2},
-    {"step_in_backward": 1},
-    {"checkpointing": 2},
-    {"codec": 2},
-    {"optimizer": 2},
-    {"offload_activations": 1},
-    {"offload_optimizer": 1},
-)
-"""Phase 1: each entry adds to the one before it (the last is everything, ``max``)."""
+MOVES: dict[str, tuple[tuple[str, int], ...]] = {
+    "parameters": (("weights", 1), ("weights", 2)),
+    "activations": (("checkpointing", 2), ("codec", 2), ("offload_activations", 1)),
+    "temporary": (("loss", 1), ("codec", 1)),
+    "optimizer": (("optimizer", 1), ("optimizer", 2), ("offload_optimizer", 1)),
+    "gradients": (("step_in_backward", 1),),
+}
+"""Phase 1: the techniques that shrink each category of a peak, the cheapest first; each move
+sets a knob to at least that rank."""
 
 BUCKET = 0.01
 """Configs whose expected slowdowns differ by less than this are taken as equally fast."""
@@ -72,7 +68,8 @@ def plan(
     budget: int | str,
     lora: int | None = 16,
     candidates: Iterable[CiuicConfig] | None = None,
-    max_pricings: int = 24,
+    max_pricings: int = 8,
+    full_size: bool = True,
     progress: Progress | None = None,
 ) -> Plan:
     """The cheapest config, by the cost model, whose priced peak fits ``budget`` (pure).
@@ -90,6 +87,10 @@ def plan(
         candidates: Price exactly these configs, in this order, instead of searching (each is
             priced; the plan picks the fitting one of least expected slowdown).
         max_pricings: Stop the search after this many pricings (the plan says so).
+        full_size: With ``candidates``, ``False`` prices each by the search's depth probes
+            (two pricings cut to one and two decoder blocks, extrapolated to the full depth)
+            instead of the full-size step: much faster, exact where the peak grows by the same
+            bytes per block (``tests/core/planner/test_search.py`` checks it on small models).
         progress: Called after each pricing (the CLI's progress bar).
 
     Returns:
@@ -109,7 +110,7 @@ def plan(
     search = _Search(source, seq_len=seq_len, batch=batch, budget=limit, lora=lora, progress=progress)
     started = time.perf_counter()
     if candidates is not None:
-        search.price_all(list(candidates))
+        search.price_all(list(candidates), full_size=full_size)
     else:
         search.run(max_pricings)
     return search.result(time.perf_counter() - started)
@@ -161,6 +162,7 @@ class _Search:
         self.failed: list[Knobs] = []
         self.skipped = 0
         self.stopped = ""
+        self.last_move: tuple[str, int] = ("", 0)
         self.builder = ShapeBuilder(source)
         self.layers = int(source.num_hidden_layers)
         self.prefix = dense_prefix(source)
@@ -176,7 +178,7 @@ class _Search:
         cheaper = [k for k in grid(quantize_weights=self.lora is not None) if slowdown(k) < limit]
         cheaper.sort(key=lambda k: (round(slowdown(k) / BUCKET), -sum(k.ranks())))
         for knobs in cheaper:
-            if len(self.priced) >= max_pricings:
+            if self._count() >= max_pricings:
                 self.stopped = f"stopped after {max_pricings} pricings (max_pricings)"
                 return
             if self._skip(knobs):
@@ -185,19 +187,52 @@ class _Search:
                 return
 
     def _ladder(self, max_pricings: int) -> Knobs | None:
-        knobs = Knobs()
-        for step in LADDER:
-            if "weights" in step and self.lora is None:
-                continue
-            knobs = dataclasses.replace(knobs, **step)
-            if len(self.priced) >= max_pricings:
-                self.stopped = f"stopped after {max_pricings} pricings (max_pricings)"
+        """Phase 1: from the plain config, shrink the largest category of each peak that does
+        not fit, until one fits (or no move is left). A move whose pricing fails is not tried
+        again."""
+        knobs, refused = Knobs(), set()
+        while self._count() < max_pricings:
+            if self.floors[knobs.weights] > self.usable:
+                self.skipped += 1
+                breakdown = {"parameters": self.floors[knobs.weights]}
+            else:
+                candidate = self._price(knobs)
+                if candidate.fits:
+                    return knobs
+                if candidate.error:
+                    refused.add(self.last_move)
+                    knobs = self.priced_before()
+                breakdown = candidate.breakdown or self.last_breakdown()
+            following = self._move(knobs, breakdown, refused)
+            if following is None:
                 return None
-            if self._skip(knobs):
-                continue
-            if self._price(knobs).fits:
-                return knobs
+            knobs = following
+        self.stopped = f"stopped after {max_pricings} pricings (max_pricings)"
         return None
+
+    def _count(self) -> int:
+        return sum(1 for c in self.priced if not c.error)
+
+    def _move(self, knobs: Knobs, breakdown: dict[str, int], refused: set[tuple[str, int]]) -> Knobs | None:
+        """``knobs`` with the first move available on the largest category that has one."""
+        for category in sorted(MOVES, key=lambda c: -breakdown.get(c, 0)):
+            for name, rank in MOVES[category]:
+                if (name == "weights" and self.lora is None) or (name, rank) in refused:
+                    continue
+                following = dataclasses.replace(knobs, **{name: max(rank, getattr(knobs, name))})
+                if following != knobs:
+                    self.last_move = (name, rank)
+                    return following
+        return None
+
+    def priced_before(self) -> Knobs:
+        """The last config priced without error (to step back from a failed pricing)."""
+        done = [knobs_of(c.config) for c in self.priced if not c.error]
+        return done[-1] if done else Knobs()
+
+    def last_breakdown(self) -> dict[str, int]:
+        done = [c.breakdown for c in self.priced if not c.error]
+        return done[-1] if done else {}
 
     def _skip(self, knobs: Knobs) -> bool:
         """Whether ``knobs`` cannot fit without pricing it (weights too large, or dominated)."""
@@ -206,9 +241,11 @@ class _Search:
             return True
         return False
 
-    def price_all(self, configs: list[CiuicConfig]) -> None:
+    def price_all(self, configs: list[CiuicConfig], *, full_size: bool) -> None:
         for config in configs:
-            self._record(self._full(config, knobs_of(config)))
+            knobs = knobs_of(config)
+            probe = None if full_size else self._probe(knobs, config)
+            self._record(probe or self._full(config, knobs))
 
     def _price(self, knobs: Knobs) -> Candidate:
         """Probe ``knobs`` at reduced depth; price the full-size step when the probe fits."""
@@ -234,13 +271,13 @@ class _Search:
             seconds=pricing.seconds,
         )
 
-    def _probe(self, knobs: Knobs) -> Candidate | None:
+    def _probe(self, knobs: Knobs, config: CiuicConfig | None = None) -> Candidate | None:
         """The peak extrapolated from two reduced-depth pricings, or None for a shallow model."""
         step = 2 if knobs.checkpointing == 1 else 1  # every 2nd block: probe whole periods
         depths = (self.prefix + step, self.prefix + 2 * step)
         if depths[1] >= self.layers:
             return None
-        config = knobs.config()
+        config = config or knobs.config()
         low, high = (self._pricing(ShapeBuilder(self.source, layers=d), config) for d in depths)
         scale = (self.layers - depths[0]) / (depths[1] - depths[0])
         breakdown = {
