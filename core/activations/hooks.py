@@ -24,7 +24,8 @@ innermost ones inside a checkpointed block, and its recomputation in backward is
 What a pack does with a saved tensor:
 
 1. the storage of a parameter or buffer: kept as it is, never compressed nor offloaded. It is
-   compared by storage pointer, not by type, with the pointers read when the model's forward
+   compared by storage identity (:func:`ciuic.memory.fake.storage_key`, which fake tensors
+   have too), not by type, with the storages read when the model's forward
    starts and when each module with weights starts its own (so weights that FSDP unshards in
    a module pre-forward hook registered before ciuic's count too; not tested with FSDP here);
 2. integer tensors: kept (offloaded if asked); bool tensors (dropout masks): 1 bit each;
@@ -67,6 +68,7 @@ from torch import nn
 
 from ciuic.errors import InertTechniqueError, TechniqueUnavailableError
 from ciuic.memory import tag_tensor
+from ciuic.memory.fake import is_fake, storage_key
 
 from .codecs import CodecSpec, Encoded, decode, encode, more_precise, pack_mask, unpack_mask
 from .layout import Layout, flatten
@@ -410,8 +412,8 @@ class SavedTensorHooks:
         if flat_layout is None:
             return self._keep(tensor)
         flat, layout = flat_layout
-        key = (layout.region or (tensor.data_ptr(), tensor.shape, tensor.stride(), tensor._version), codec)
         storage = tensor.untyped_storage()
+        key = (layout.region or (storage_key(storage), tensor.shape, tensor.stride(), tensor._version), codec)
         entry = self._entries.get(key)
         if entry is not None and entry.storage() is storage:
             self.stats.deduplicated += 1
@@ -465,7 +467,8 @@ class SavedTensorHooks:
             kind, data, meta = "codec", enc.tensors(), enc.header()
             # inf or NaN in a group make its min/max (or absmax) non-finite: checking the
             # scales is as sound as checking the tensor, and reads far fewer elements
-            if self.options.check_finite and not bool(torch.isfinite(enc.meta).all()):
+            # (not under fake tensors: they have no values, and a real run rarely falls back)
+            if self.options.check_finite and not is_fake(enc.meta) and not bool(torch.isfinite(enc.meta).all()):
                 codec, kind, data, meta = "none", "raw", (flat.detach(),), None
         self.stats.packed += 1
         self.stats.by_codec[codec] = self.stats.by_codec.get(codec, 0) + 1
@@ -558,24 +561,28 @@ def _flat(entry: _Entry, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
 
 
 def _is_scaled_mask(tensor: torch.Tensor) -> bool:
-    """Whether every element is 0 or the tensor's maximum (a dropout mask scaled by 1/(1-p))."""
+    """Whether every element is 0 or the tensor's maximum (a dropout mask scaled by 1/(1-p)).
+    Fake tensors have no values: taken as not a mask (the dropout of a CUDA device saves a bool
+    mask, which needs no test)."""
+    if is_fake(tensor):
+        return False
     top = tensor.amax()
     return bool(((tensor == 0) | (tensor == top)).all())
 
 
 def _storage_ptrs(model: nn.Module, recurse: bool = True) -> set[int]:
     tensors = [*model.parameters(recurse=recurse), *model.buffers(recurse=recurse)]
-    return {t.untyped_storage().data_ptr() for t in tensors if t.device.type != "meta"}
+    return {storage_key(t.untyped_storage()) for t in tensors if t.device.type != "meta"}
 
 
 def _is_parameter(tensor: torch.Tensor, ptrs: set[int]) -> bool:
     if isinstance(tensor, nn.Parameter):
         return True
     try:
-        return tensor.untyped_storage().data_ptr() in ptrs
+        return storage_key(tensor.untyped_storage()) in ptrs
     except (RuntimeError, NotImplementedError):
         return True  # no storage of its own (a wrapper subclass): leave it alone
 
 
 def _dense_storage(tensor: torch.Tensor) -> bool:
-    return type(tensor) is torch.Tensor or type(tensor) is nn.Parameter
+    return type(tensor) is torch.Tensor or type(tensor) is nn.Parameter or is_fake(tensor)

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import torch
 
+from ciuic.memory.fake import storage_key
+
 
 class Layout:
     """How to turn a packed vector back into the saved view.
@@ -33,7 +35,7 @@ class Layout:
         shape, stride: Of the base (broadcast dimensions narrowed to 1).
         expand_to: The saved tensor's shape when it was broadcast, else ``None``.
         dense: Whether the base was read in place in memory order.
-        region: ``(storage pointer, byte offset, numel, dtype, version)`` of a dense base, the
+        region: ``(storage identity, byte offset, numel, dtype, version)`` of a dense base, the
             key under which identical blocks are packed once; ``None`` for non-dense views.
     """
 
@@ -75,7 +77,7 @@ def flatten(tensor: torch.Tensor) -> tuple[torch.Tensor, Layout] | None:
         storage = base.untyped_storage()
         offset = base.storage_offset()
         flat = base.as_strided((base.numel(),), (1,), offset)
-        region = (storage.data_ptr(), offset * base.element_size(), base.numel(), base.dtype, base._version)
+        region = (storage_key(storage), offset * base.element_size(), base.numel(), base.dtype, base._version)
         return flat, Layout(shape, stride, expand_to, True, region)
     if not _non_overlapping(shape, stride):
         return None

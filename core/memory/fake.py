@@ -32,3 +32,12 @@ def fake_mode_active() -> bool:
     from torch._guards import detect_fake_mode
 
     return detect_fake_mode() is not None
+
+
+def storage_key(storage: torch.UntypedStorage) -> int:
+    """An identity of a storage that fake tensors have too: the address of its ``StorageImpl``.
+
+    ``data_ptr()`` is 0 for every fake storage, so it cannot tell them apart; the storage
+    object's ``_cdata`` is distinct for each live storage, real or fake, and shared by all views.
+    """
+    return int(storage._cdata)

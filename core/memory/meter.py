@@ -89,6 +89,30 @@ def tag_tensor(tensor: torch.Tensor, category: str) -> None:
         meter._tag(tensor, category)
 
 
+_OP_WORKSPACE: dict[str, Callable[..., int]] = {}
+
+
+def register_op_workspace(op: str, workspace: Callable[..., int]) -> None:
+    """Count the scratch memory an op allocates and frees inside its own kernel.
+
+    A dispatch mode sees an op's inputs and outputs, not what its kernel allocates in between
+    (bitsandbytes' ``gemm_4bit`` dequantizes the whole weight, then multiplies). For such an op,
+    ``workspace(*args, **kwargs)`` gives those bytes; every active meter counts them as
+    ``temporary`` beside the op's output, at the moment the output appears, then frees them.
+    Fake kernels do not allocate them either, so this keeps fake and real runs alike and both
+    honest.
+
+    Args:
+        op: The op's qualified name, ``"namespace::name"`` (every overload).
+        workspace: ``workspace(*args, **kwargs) -> int`` bytes, on the device of the op's first
+            tensor argument.
+
+    Example:
+        >>> register_op_workspace("bitsandbytes::gemm_4bit", lambda A, B, shapeB, *a, **k: 0)
+    """
+    _OP_WORKSPACE[op] = workspace
+
+
 class _Record:
     __slots__ = ("category", "host", "nbytes", "saved_refs")
 
@@ -139,6 +163,9 @@ class _AllocationMode(TorchDispatchMode):
                 inputs = {id(s) for s in map(_storage_of, _tensors_in(args, kwargs)) if s is not None}
             if id(_storage_of(leaf)) not in inputs:
                 self.meter._see(leaf)
+        workspace = _OP_WORKSPACE.get(func._schema.name) if _OP_WORKSPACE else None
+        if workspace is not None:
+            self.meter._scratch(workspace(*args, **(kwargs or {})), _tensors_in(args, kwargs)[0].device)
         return out
 
 
@@ -364,6 +391,19 @@ class MemoryMeter:
             self._refs[key] = weakref.ref(storage, self._free_callback(key))
             self._add(record, record.nbytes)
             return record
+
+    def _scratch(self, nbytes: int, device: torch.device) -> None:
+        """Count ``nbytes`` of kernel scratch as live for an instant (see register_op_workspace)."""
+        if nbytes <= 0 or device.type != self.device.type:
+            return
+        with self._lock:
+            record = _Record(nbytes, "temporary", False)
+            key = -id(record)  # no storage id is negative
+            self._live[key] = record
+            self._add(record, nbytes)
+            self._close_peak()
+            del self._live[key]
+            self._add(record, -nbytes)
 
     def _resize(self, record: _Record, nbytes: int) -> None:
         if nbytes != record.nbytes:

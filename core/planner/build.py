@@ -8,6 +8,7 @@ fake storages on the target device).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -70,6 +71,30 @@ def materialize_(model: nn.Module, device: torch.device) -> nn.Module:
     return model._apply(empty)
 
 
+def extrapolation_layers(source: ModelSource, config: Any) -> tuple[int, int, int, int] | None:
+    """``(n1, n2, n3, full)`` decoder-layer counts to price ``source`` from, or ``None`` to price
+    it whole: only Hugging Face configs can be built shorter, and only a depth-independent
+    checkpointing choice keeps the figures affine in the depth."""
+    if not _is_hf_config(source) or config.checkpointing not in ("none", "full"):
+        return None
+    full = getattr(source, "num_hidden_layers", None)
+    first = getattr(source, "first_k_dense_replace", 0) or 0  # DeepSeek: dense layers, then MoE
+    if not isinstance(full, int) or full <= first + 4:
+        return None
+    return first + 1, first + 2, first + 3, full
+
+
+def with_layers(source: Any, layers: int) -> Any:
+    """A copy of a Hugging Face config with ``layers`` decoder layers (per-layer lists cut)."""
+    short = copy.deepcopy(source)
+    full = short.num_hidden_layers
+    for name, value in vars(short).items():
+        if isinstance(value, list) and len(value) == full:
+            setattr(short, name, value[:layers])
+    short.num_hidden_layers = layers
+    return short
+
+
 def _builder(source: ModelSource) -> Callable[[], nn.Module]:
     if callable(source) and not _is_hf_config(source):
         return source  # type: ignore[no-any-return]
@@ -82,7 +107,7 @@ def _builder(source: ModelSource) -> Callable[[], nn.Module]:
 
 
 def _is_hf_config(source: object) -> bool:
-    return any(cls.__name__ == "PretrainedConfig" for cls in type(source).__mro__)
+    return any(cls.__name__ in ("PreTrainedConfig", "PretrainedConfig") for cls in type(source).__mro__)
 
 
 def _from_hf_config(config: Any) -> nn.Module:

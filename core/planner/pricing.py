@@ -9,6 +9,7 @@ to the measured one, config by config.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -20,9 +21,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ciuic.api import apply_, as_config, build_optimizer, remove_, step_scope
 from ciuic.config import CiuicConfig
-from ciuic.memory import MemoryMeter, MemoryReading
+from ciuic.errors import ConfigError
+from ciuic.memory import CATEGORIES, MemoryMeter, MemoryReading
 
-from .build import ModelSource, build_model, materialize_
+from .build import ModelSource, build_model, extrapolation_layers, materialize_, with_layers
 
 LoraSpec = int | Callable[[nn.Module], nn.Module] | None
 """A LoRA rank (PEFT adapters on the model's attention and MLP projections), a function that
@@ -63,10 +65,11 @@ def price(
     seq_len: int,
     batch: int,
     lora: LoraSpec = None,
-    device: str | torch.device = "cuda",
+    device: str | torch.device = "cpu",
     steps: int = 2,
     fake: bool = True,
     lr: float = 1e-4,
+    extrapolate: bool = True,
 ) -> Pricing:
     """The peak memory of ``steps`` training steps of a model under ``config``.
 
@@ -84,10 +87,17 @@ def price(
         seq_len: Tokens per sample.
         batch: Samples per step.
         lora: A LoRA rank, a function wrapping the model, or ``None`` (full fine-tuning).
-        device: The device the step runs on (fake ``"cuda"`` works on a CPU-only build).
+        device: The device the step runs on. A CPU-only build of torch cannot run a step on
+            fake CUDA tensors; fake CPU tensors give the same bytes except where a kernel
+            differs by device (attention's saved statistics, LLM.int8's training path).
         steps: Training steps to run (at least 1).
         fake: ``False`` runs the same steps on real tensors (to check a pricing).
         lr: The optimizer's learning rate (only the real run's values depend on it).
+        extrapolate: For a Hugging Face config under fake tensors, price three short models
+            (1-3 decoder layers past the dense ones) and extrapolate to the full depth when
+            their figures are affine in the layer count (else run the full model): the same
+            bytes, several times faster. Not used with ``checkpointing`` other than
+            ``'none'``/``'full'``, whose choice depends on the depth.
 
     Returns:
         A :class:`Pricing`.
@@ -102,16 +112,74 @@ def price(
     """
     cfg = as_config(config)
     device = torch.device(device)
+    _check_device(device, fake)
     started = time.perf_counter()
+    run = functools.partial(
+        _price_once, config=cfg, seq_len=seq_len, batch=batch, lora=lora, device=device, steps=steps, fake=fake, lr=lr
+    )
+    layers = extrapolation_layers(model_or_builder, cfg) if fake and extrapolate else None
+    reading = run(model_or_builder) if layers is None else _extrapolated(run, model_or_builder, layers)
+    return Pricing(cfg, reading, time.perf_counter() - started, fake)
+
+
+def _price_once(
+    model_or_builder: ModelSource,
+    *,
+    config: CiuicConfig,
+    seq_len: int,
+    batch: int,
+    lora: LoraSpec,
+    device: torch.device,
+    steps: int,
+    fake: bool,
+    lr: float,
+) -> MemoryReading:
     model = build_model(model_or_builder, lora=lora, meta=fake)
     with _tensor_mode(fake):
         if fake:
             materialize_(model, device)
         else:
             model.to(device)
-        reading = _run_steps(model, cfg, seq_len=seq_len, batch=batch, device=device, steps=steps, lr=lr)
+        reading = _run_steps(model, config, seq_len=seq_len, batch=batch, device=device, steps=steps, lr=lr)
     del model
-    return Pricing(cfg, reading, time.perf_counter() - started, fake)
+    return reading
+
+
+def _extrapolated(
+    run: Callable[[ModelSource], MemoryReading], source: ModelSource, layers: tuple[int, int, int, int]
+) -> MemoryReading:
+    """The reading of the ``layers[3]``-layer model from three short ones, when they are affine
+    in the layer count (identical blocks: each adds the same bytes to every figure at the
+    peak); otherwise the full model is run."""
+    *points, full = layers
+    readings = [run(with_layers(source, n)) for n in points]
+    figures = [_figures(r) for r in readings]
+    steps = [[b - a for a, b in zip(x, y, strict=True)] for x, y in zip(figures, figures[1:], strict=False)]
+    if steps[0] != steps[1] or any(d < 0 for d in steps[0]):
+        return run(source)
+    extra = (full - points[0]) // (points[1] - points[0])
+    values = [a + extra * d for a, d in zip(figures[0], steps[0], strict=True)]
+    return _reading(readings[0].device, values)
+
+
+def _figures(reading: MemoryReading) -> list[int]:
+    return [reading.peak_bytes, reading.peak_offloaded_bytes, *(reading.peak_by_category[c] for c in CATEGORIES)]
+
+
+def _reading(device: str, values: list[int]) -> MemoryReading:
+    peak, offloaded, *by_category = values
+    return MemoryReading(device, peak, dict(zip(CATEGORIES, by_category, strict=True)), offloaded, None)
+
+
+def _check_device(device: torch.device, fake: bool) -> None:
+    if device.type == "cuda" and not torch.cuda.is_available():
+        what = "fake CUDA tensors" if fake else "CUDA tensors"
+        raise ConfigError(
+            f"device={str(device)!r} needs a CUDA build of torch: this one has none, and {what} cannot run "
+            f"a training step in it (indexing, host-to-device copies, CUDA generators and streams need the "
+            f"CUDA runtime). Price on device='cpu' (fake CPU tensors: the same bytes except where a kernel "
+            f"differs by device, see ciuic.planner)."
+        )
 
 
 @contextlib.contextmanager

@@ -6,12 +6,21 @@ bitsandbytes 0.50 are closed here with ``load_state_dict`` pre-hooks on the conv
 ``Linear4bit`` has no loader for its quantization state (transformers' quantizer usually does
 that), and ``Linear8bitLt`` refuses to load once a forward has moved its scales into
 ``layer.state``.
+
+Under ``FakeTensorMode`` (pricing a config, :mod:`ciuic.planner`) the same layers are built:
+bitsandbytes' parameter classes cannot wrap a fake tensor, so a plain parameter holding the
+packed data carries their attributes (``quant_state``, ``CB``/``SCB``), and bitsandbytes' own
+fake kernels give every stored tensor its real shape and dtype; the forward and backward then
+run bitsandbytes' code unchanged. What its kernels allocate inside themselves (the dense weight
+of ``gemm_4bit``) is registered with the memory meter (``register_op_workspace``), for real and
+fake runs alike.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from typing import Any
 
 import torch
@@ -19,8 +28,32 @@ from torch import nn
 
 from ciuic.memory import tag_tensor
 from ciuic.memory.fake import is_fake
+from ciuic.memory.meter import register_op_workspace
 
 from .functional import storage_bytes
+
+
+def _gemm_4bit_workspace(
+    A: torch.Tensor, B: torch.Tensor, shapeB: list[int], *args: Any, absmax_8bit: torch.Tensor | None = None, **kwargs: Any
+) -> int:
+    """What bitsandbytes' ``gemm_4bit`` kernel allocates inside itself (its default kernel, the
+    one CPU and CUDA run): the dense weight in the input's dtype and, with double quantization,
+    the fp32 block scales it first restores."""
+    nested = 4 * absmax_8bit.numel() if absmax_8bit is not None else 0
+    return math.prod(shapeB) * A.element_size() + nested
+
+
+def _int8_scaled_mm_workspace(A: torch.Tensor, B: torch.Tensor, *args: Any, **kwargs: Any) -> int:
+    """``int8_scaled_mm``'s default kernel (LLM.int8's CUDA training path): the int32 product
+    before it is rescaled to the output dtype (``int8_mixed_scaled_mm`` calls it inside)."""
+    return 4 * (A.numel() // A.shape[-1]) * B.shape[0]
+
+
+register_op_workspace("bitsandbytes::gemm_4bit", _gemm_4bit_workspace)
+register_op_workspace("bitsandbytes::int8_scaled_mm", _int8_scaled_mm_workspace)
+register_op_workspace(
+    "bitsandbytes::int8_mixed_scaled_mm", lambda A, CA, CB, *args, **kwargs: _int8_scaled_mm_workspace(CA, CB)
+)
 
 
 def is_bnb_linear(module: nn.Module) -> bool:

@@ -1,0 +1,122 @@
+"""Pricing under fake tensors equals the measured peak on real tensors, config by config.
+
+Both runs go through ``ciuic.planner.price``: the same build, ``apply_``, optimizer and two
+training steps, once on fake CPU tensors (a model built on ``meta``, LoRA-wrapped, then given
+fake storages) and once on real CPU tensors, each inside a ``MemoryMeter(device="cpu")``. The
+pairing is fake CPU with real CPU so both run the same kernels (attention, bitsandbytes'
+training path); the DeepSeek-V3 model is bf16 because torch's fake kernel of ``_grouped_mm``
+(transformers' fused-experts path) accepts only bf16.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.modules import module as nn_module
+
+import ciuic
+from ciuic.planner import price
+from tests.models import LLAMA_LORA_TARGETS, deepseek_v3, lora, qwen2
+
+RANK = 32  # LoRA matrices of 32 x 128 = 4096 elements: the 8/4-bit optimizer quantizes them
+SEQ, BATCH = 16, 2
+
+
+def _qwen2() -> nn.Module:
+    return qwen2(hidden_size=128)
+
+
+def _deepseek_v3() -> nn.Module:
+    return deepseek_v3(hidden_size=128).to(torch.bfloat16)
+
+
+MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[nn.Module], nn.Module]]] = {
+    "qwen2": (_qwen2, lambda model: lora(model, rank=RANK, targets=LLAMA_LORA_TARGETS)),
+    "deepseek_v3": (_deepseek_v3, lambda model: lora(model, rank=RANK)),
+}
+
+CONFIGS: dict[str, Any] = {
+    "off": "off",
+    "balanced": "balanced",
+    "max": "max",
+    "weights_nf4": {"weights": "nf4"},
+    "weights_nf4_double_quant": {"weights": {"format": "nf4", "double_quant": True}},
+    "weights_int8": {"weights": "int8"},
+    "activations_int8": {"activations": "int8"},
+    "activations_int4": {"activations": "int4"},
+    "checkpointing_full": {"checkpointing": "full"},
+    "loss_chunked": {"loss": "chunked"},
+    "optimizer_adamw8bit": {"optimizer": "adamw8bit"},
+    "offload_activations": {"offload": ["activations"]},
+    "offload_optimizer": {"offload": ["optimizer"]},
+}
+
+
+def _price(model: str, config: Any, *, fake: bool) -> ciuic.planner.Pricing:
+    builder, wrap = MODELS[model]
+    return price(builder, config, seq_len=SEQ, batch=BATCH, lora=wrap, device="cpu", fake=fake)
+
+
+FAST = {("qwen2", "balanced"), ("deepseek_v3", "max")}
+"""Pairs run by default; the rest of the matrix (about 10 s a pair on an idle 2-core CPU) is slow."""
+
+MATRIX = [
+    pytest.param(model, config, marks=() if (model, config) in FAST else pytest.mark.slow, id=f"{model}-{config}")
+    for model in MODELS
+    for config in CONFIGS
+]
+
+
+@pytest.mark.parametrize(("model", "config"), MATRIX)
+def test_fake_pricing_equals_the_measured_peak(model: str, config: str) -> None:
+    predicted = _price(model, CONFIGS[config], fake=True)
+    measured = _price(model, CONFIGS[config], fake=False)
+    assert predicted.fake and not measured.fake
+    assert predicted.peak_bytes == measured.peak_bytes  # exact: the acceptance asks within 5%
+    assert predicted.breakdown == measured.breakdown
+    assert predicted.reading.peak_offloaded_bytes == measured.reading.peak_offloaded_bytes
+
+
+def test_offload_and_quantization_show_in_the_priced_breakdown() -> None:
+    """The fake run sees what each technique changes (not one figure for every config)."""
+    off = _price("qwen2", "off", fake=True).breakdown
+    nf4 = _price("qwen2", {"weights": "nf4"}, fake=True).breakdown
+    offloaded = _price("qwen2", {"offload": ["activations"]}, fake=True).breakdown
+    compressed = _price("qwen2", {"activations": "int4"}, fake=True)
+    assert nf4["parameters"] < off["parameters"] / 2  # frozen fp32 weights packed to 4 bits
+    assert offloaded["offloaded"] > 0 and off["offloaded"] == 0
+    assert compressed.peak_bytes < _price("qwen2", "off", fake=True).peak_bytes
+
+
+def test_pricing_leaves_no_fake_mode_nor_global_hook_behind() -> None:
+    before = (
+        dict(nn_module._global_forward_hooks),
+        dict(nn_module._global_forward_pre_hooks),
+        dict(nn_module._global_parameter_registration_hooks),
+    )
+    pricing = _price("qwen2", "max", fake=True)
+    from torch._guards import detect_fake_mode
+
+    assert detect_fake_mode() is None
+    assert isinstance(torch.empty(1), torch.Tensor) and type(torch.empty(1)) is torch.Tensor
+    after = (
+        dict(nn_module._global_forward_hooks),
+        dict(nn_module._global_forward_pre_hooks),
+        dict(nn_module._global_parameter_registration_hooks),
+    )
+    assert after == before
+    assert pricing.config == ciuic.CiuicConfig.preset("max")
+
+
+def test_optimizer_tables_stay_real_after_a_fake_pricing() -> None:
+    """The 8-bit tables are cached per device: a fake pricing must not leave fake ones there."""
+    _price("qwen2", {"optimizer": "adamw8bit"}, fake=True)
+    from ciuic.optim.quant import FORMATS
+
+    qmap, midpoints, lookup = FORMATS[8][0].tables(torch.device("cpu"))
+    assert type(qmap) is torch.Tensor and type(lookup) is torch.Tensor
+    assert qmap[-1].item() == 1.0
