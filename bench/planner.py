@@ -4,9 +4,8 @@ shapes on fake tensors, and (on a CUDA machine) the prediction against the measu
 Run: ``python bench/planner.py`` (a few minutes on a 2-core CPU). Prints, for
 DeepSeek-R1-Distill-Qwen-7B with LoRA rank 16, batch 1, at 1,024, 4,096 and 16,384 tokens, the
 priced peak (GiB) of the QLoRA recipe (``ciuic.planner.qlora_recipe()``: NF4 weights, every block
-checkpointed) and of the ``balanced`` and ``max`` presets, by depth probes (two pricings of the
-model cut to 1 and 2 decoder blocks, extrapolated to its 28: ``plan(..., full_size=False)``);
-``--full`` prices the full-size step instead (slower). With CUDA it also runs a real step of a
+checkpointed) and of the ``balanced`` and ``max`` presets (``ciuic.plan(..., candidates=...)``),
+and the wall time of each row. With CUDA it also runs a real step of a
 small Qwen2 model per config and prints the predicted peak next to
 ``torch.cuda.max_memory_allocated``.
 """
@@ -33,13 +32,18 @@ CONFIGS = {
 }
 
 
-def preset_rows(model: str, tokens: list[int], *, full_size: bool) -> dict[int, dict[str, float]]:
+def preset_rows(model: str, tokens: list[int]) -> dict[int, dict[str, float]]:
     """Priced peak in GiB per token count and config."""
     rows: dict[int, dict[str, float]] = {}
     for n in tokens:
         configs = [make() for make in CONFIGS.values()]
         result = ciuic.plan(
-            model, seq_len=n, batch=1, budget="1TiB", lora=16, candidates=configs, full_size=full_size
+            model,
+            seq_len=n,
+            batch=1,
+            budget="1TiB",
+            lora=16,
+            candidates=configs,
         )
         rows[n] = {
             name: (c.peak_bytes / GIB if not c.error else float("nan"))
@@ -54,7 +58,6 @@ def cuda_rows() -> None:
     from transformers import Qwen2Config
 
     from ciuic.planner import price
-    from ciuic.planner.shapes import ShapeBuilder
 
     shape = Qwen2Config(
         vocab_size=32000,
@@ -70,13 +73,11 @@ def cuda_rows() -> None:
     print(f"{'config':<14}{'predicted MiB':>15}{'measured MiB':>14}{'ratio':>8}")
     for name, make in CONFIGS.items():
         config = make()
-        predicted = price(
-            ShapeBuilder(shape), config, seq_len=2048, batch=1, lora=16, device="cpu"
-        ).peak_bytes
+        predicted = price(shape, config, seq_len=2048, batch=1, lora=16, device="cpu").peak_bytes
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        price(ShapeBuilder(shape), config, seq_len=2048, batch=1, lora=16, device="cuda", fake=False)
+        price(shape, config, seq_len=2048, batch=1, lora=16, device="cuda", fake=False)
         measured = torch.cuda.max_memory_allocated() - base
         print(f"{name:<14}{predicted / 2**20:>15.1f}{measured / 2**20:>14.1f}{predicted / measured:>8.3f}")
 
@@ -85,13 +86,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="deepseek-r1-distill-qwen-7b")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 16384])
-    parser.add_argument("--full", action="store_true", help="price the full-size step, not depth probes")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    how = "full-size step" if args.full else "depth probes"
-    print(f"## presets vs the QLoRA recipe: {args.model}, LoRA 16, batch 1, priced peak GiB ({how})")
+    print(f"## presets vs the QLoRA recipe: {args.model}, LoRA 16, batch 1, priced peak GiB")
     print(f"{'tokens':>7}" + "".join(f"{name:>14}" for name in CONFIGS))
-    preset_rows(args.model, args.tokens, full_size=args.full)
+    preset_rows(args.model, args.tokens)
     if torch.cuda.is_available():
         cuda_rows()
 

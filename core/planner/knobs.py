@@ -5,7 +5,7 @@ into the :class:`ciuic.CiuicConfig` a user passes to ``apply_``. Ranks make *dom
 simple: a config that compresses at least as much in every technique (``a <= b``) should not
 peak higher, so when ``b`` does not fit, neither does ``a``.
 
->>> Knobs(weights=1, checkpointing=2).config().to_dict()["checkpointing"]
+>>> Knobs(weights=1, checkpointing=1).config().to_dict()["checkpointing"]
 'full'
 >>> Knobs().dominated_by(Knobs(loss=1))
 True
@@ -24,7 +24,7 @@ from ciuic.config import CiuicConfig
 WEIGHTS: tuple[Any, ...] = ("none", "nf4", {"format": "nf4", "head": "int8", "embeddings": "int8"})
 LOSS = ("standard", "chunked")
 CODECS = ("none", "int8", "int4")
-CHECKPOINTING: tuple[Any, ...] = ("none", 2, "full")
+CHECKPOINTING: tuple[Any, ...] = ("none", "full")
 OPTIMIZERS = ("adamw", "adamw8bit", "adamw4bit")
 
 LEVELS = {
@@ -102,7 +102,7 @@ def grid(*, quantize_weights: bool) -> Iterator[Knobs]:
 def knobs_of(config: CiuicConfig) -> Knobs:
     """The grid point nearest to ``config``, for its cost (options the grid lacks map to the rank
     whose cost is alike: ``fp8`` to ``int8``, ``int2`` to ``int4``, any weight format to NF4,
-    checkpointing every N-th block (N >= 2) or ``'auto'`` to every 2nd)."""
+    checkpointing every N-th block or ``'auto'`` to every block: an upper bound of their cost)."""
     weights = config.weights
     tables = weights.head != "none" or weights.embeddings != "none" or weights.quantize_head
     codec = config.activations.codec
@@ -111,7 +111,7 @@ def knobs_of(config: CiuicConfig) -> Knobs:
         weights=(2 if tables else 1) if weights.enabled else 0,
         loss=int(config.loss.kind == "chunked"),
         codec={"none": 0, "fp8": 1, "int8": 1}.get(codec, 2),
-        checkpointing=0 if every == "none" else 2 if every in ("full", 1) else 1,
+        checkpointing=0 if every == "none" else 1,
         offload_activations=int("activations" in config.offload),
         optimizer=OPTIMIZERS.index(config.optimizer),
         step_in_backward=int(config.step_in_backward),

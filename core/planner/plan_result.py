@@ -31,9 +31,6 @@ class Candidate:
         fits: Whether ``peak_bytes`` is within the budget less the margin.
         slowdown: Expected step time over the plain step's (the cost model, ``ciuic.planner.cost``).
         seconds: Wall time of its pricing.
-        full_size: ``True``: priced on the full-size model; ``False``: extrapolated from two
-            pricings of the model cut to fewer decoder blocks (the search's probes; a config
-            whose probe fits is priced again at full size before it is chosen).
         error: Why the pricing failed (``""``: it did not); such a candidate never fits.
     """
 
@@ -43,7 +40,6 @@ class Candidate:
     fits: bool
     slowdown: float
     seconds: float
-    full_size: bool = True
     error: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -54,7 +50,6 @@ class Candidate:
             "breakdown": dict(self.breakdown),
             "fits": self.fits,
             "slowdown": round(self.slowdown, 4),
-            "full_size": self.full_size,
             **({"error": self.error} if self.error else {}),
         }
 
@@ -92,7 +87,7 @@ class Plan:
     @property
     def chosen(self) -> Candidate | None:
         """The fitting candidate of least expected slowdown, or ``None``."""
-        fitting = [c for c in self.candidates if c.fits and c.full_size]
+        fitting = [c for c in self.candidates if c.fits]
         return min(fitting, key=lambda c: (c.slowdown, c.peak_bytes)) if fitting else None
 
     @property
@@ -156,7 +151,7 @@ class Plan:
             f"budget {self.budget / GIB:.2f} GiB, margin {self.margin / GIB:.2f} GiB (CUDA context, "
             f"fragmentation, NCCL: not in a fake step); {self.batch} x {self.seq_len} tokens, "
             + (f"LoRA rank {self.lora}" if self.lora is not None else "full fine-tuning"),
-            head + f"{'fits':>6}{'slower':>8}{'priced':>8}",
+            head + f"{'fits':>6}{'slower':>8}",
         ]
         chosen = self.chosen
         for c in self.candidates:
@@ -167,7 +162,7 @@ class Plan:
             cells = "".join(f"{c.breakdown.get(cat, 0) / GIB:>7.2f}" for cat in cats)
             lines.append(
                 f"{mark} {c.label():<{width}} {c.peak_bytes / GIB:>7.2f}{cells}"
-                f"{'yes' if c.fits else 'no':>6}{c.slowdown:>7.2f}x{'full' if c.full_size else 'probe':>8}"
+                f"{'yes' if c.fits else 'no':>6}{c.slowdown:>7.2f}x"
             )
         lines.append(self._footer())
         return "\n".join(lines)
@@ -176,7 +171,6 @@ class Plan:
         notes = [f"{len(self.candidates)} priced, {self.skipped} skipped unpriced, {self.seconds:.0f} s"]
         if self.stopped:
             notes.append(self.stopped)
-        notes.append("probe: extrapolated from 2 cut-depth pricings")
         notes.append("slowdown: cost model calibrated on the bench scripts (ciuic.planner.cost)")
         verdict = "* chosen" if self.fits else "nothing fits: the lowest peak is shown as the config"
         return f"{verdict}; " + "; ".join(notes)

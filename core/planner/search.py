@@ -37,11 +37,11 @@ from .floor import weight_floor
 from .knobs import Knobs, grid, knobs_of
 from .margin import margin_bytes
 from .plan_result import Candidate, Plan
-from .shapes import ShapeBuilder, dense_prefix, empty_model, load_shape
+from .shapes import empty_model, load_shape
 
 MOVES: dict[str, tuple[tuple[str, int], ...]] = {
     "parameters": (("weights", 1), ("weights", 2)),
-    "activations": (("checkpointing", 2), ("codec", 2), ("offload_activations", 1)),
+    "activations": (("checkpointing", 1), ("codec", 2), ("offload_activations", 1)),
     "temporary": (("loss", 1), ("codec", 1)),
     "optimizer": (("optimizer", 1), ("optimizer", 2), ("offload_optimizer", 1)),
     "gradients": (("step_in_backward", 1),),
@@ -69,7 +69,6 @@ def plan(
     lora: int | None = 16,
     candidates: Iterable[CiuicConfig] | None = None,
     max_pricings: int = 8,
-    full_size: bool = True,
     progress: Progress | None = None,
 ) -> Plan:
     """The cheapest config, by the cost model, whose priced peak fits ``budget`` (pure).
@@ -87,10 +86,6 @@ def plan(
         candidates: Price exactly these configs, in this order, instead of searching (each is
             priced; the plan picks the fitting one of least expected slowdown).
         max_pricings: Stop the search after this many pricings (the plan says so).
-        full_size: With ``candidates``, ``False`` prices each by the search's depth probes
-            (two pricings cut to one and two decoder blocks, extrapolated to the full depth)
-            instead of the full-size step: much faster, exact where the peak grows by the same
-            bytes per block (``tests/core/planner/test_search.py`` checks it on small models).
         progress: Called after each pricing (the CLI's progress bar).
 
     Returns:
@@ -110,7 +105,7 @@ def plan(
     search = _Search(source, seq_len=seq_len, batch=batch, budget=limit, lora=lora, progress=progress)
     started = time.perf_counter()
     if candidates is not None:
-        search.price_all(list(candidates), full_size=full_size)
+        search.price_all(list(candidates))
     else:
         search.run(max_pricings)
     return search.result(time.perf_counter() - started)
@@ -163,9 +158,6 @@ class _Search:
         self.skipped = 0
         self.stopped = ""
         self.last_move: tuple[str, int] = ("", 0)
-        self.builder = ShapeBuilder(source)
-        self.layers = int(source.num_hidden_layers)
-        self.prefix = dense_prefix(source)
         meta = empty_model(source)
         ranks = range(3) if lora is not None else range(1)
         self.floors = {rank: weight_floor(meta, weights_rank=rank) for rank in ranks}
@@ -241,18 +233,13 @@ class _Search:
             return True
         return False
 
-    def price_all(self, configs: list[CiuicConfig], *, full_size: bool) -> None:
+    def price_all(self, configs: list[CiuicConfig]) -> None:
         for config in configs:
-            knobs = knobs_of(config)
-            probe = None if full_size else self._probe(knobs, config)
-            self._record(probe or self._full(config, knobs))
+            self._record(self._full(config, knobs_of(config)))
 
     def _price(self, knobs: Knobs) -> Candidate:
-        """Probe ``knobs`` at reduced depth; price the full-size step when the probe fits."""
         try:
-            candidate = self._probe(knobs)
-            if candidate is None or candidate.fits:
-                candidate = self._full(knobs.config(), knobs)
+            candidate = self._full(knobs.config(), knobs)
         except Exception as error:  # reported in the table, never hidden: the search goes on
             candidate = Candidate(knobs.config(), 0, {}, False, slowdown(knobs), 0.0, error=_say(error))
         self._record(candidate)
@@ -261,7 +248,11 @@ class _Search:
         return candidate
 
     def _full(self, config: CiuicConfig, knobs: Knobs) -> Candidate:
-        pricing = self._pricing(self.builder, config)
+        from .pricing import price
+
+        pricing = price(
+            self.source, config, seq_len=self.seq_len, batch=self.batch, lora=self.lora, device=DEVICE
+        )
         return Candidate(
             config=config,
             peak_bytes=pricing.peak_bytes,
@@ -270,35 +261,6 @@ class _Search:
             slowdown=slowdown(knobs),
             seconds=pricing.seconds,
         )
-
-    def _probe(self, knobs: Knobs, config: CiuicConfig | None = None) -> Candidate | None:
-        """The peak extrapolated from two reduced-depth pricings, or None for a shallow model."""
-        step = 2 if knobs.checkpointing == 1 else 1  # every 2nd block: probe whole periods
-        depths = (self.prefix + step, self.prefix + 2 * step)
-        if depths[1] >= self.layers:
-            return None
-        config = config or knobs.config()
-        low, high = (self._pricing(ShapeBuilder(self.source, layers=d), config) for d in depths)
-        scale = (self.layers - depths[0]) / (depths[1] - depths[0])
-        breakdown = {
-            key: int(low.breakdown[key] + scale * (high.breakdown[key] - low.breakdown[key]))
-            for key in low.breakdown
-        }
-        peak = int(low.peak_bytes + scale * (high.peak_bytes - low.peak_bytes))
-        return Candidate(
-            config=config,
-            peak_bytes=peak,
-            breakdown=breakdown,
-            fits=peak <= self.usable,
-            slowdown=slowdown(knobs),
-            seconds=low.seconds + high.seconds,
-            full_size=False,
-        )
-
-    def _pricing(self, builder: ShapeBuilder, config: CiuicConfig) -> Any:
-        from .pricing import price
-
-        return price(builder, config, seq_len=self.seq_len, batch=self.batch, lora=self.lora, device=DEVICE)
 
     def _record(self, candidate: Candidate) -> None:
         self.priced.append(candidate)
@@ -322,4 +284,3 @@ class _Search:
 def _say(error: Exception) -> str:
     first = str(error).strip().splitlines()[0] if str(error).strip() else ""
     return f"{type(error).__name__}: {first}"[:160]
-

@@ -99,50 +99,16 @@ def empty_model(config: Any, dtype: torch.dtype | None = None) -> nn.Module:
         config: A transformers config, a shipped shape name or a ``config.json`` path.
         dtype: The parameters' dtype (default: the config's, bf16 for the shipped shapes).
     """
+    from transformers import AutoModelForCausalLM
+
+    shape = load_shape(config)
     with torch.device("meta"):
-        return ShapeBuilder(load_shape(config), dtype)()
-
-
-class ShapeBuilder:
-    """A picklable function building the causal LM of a transformers config (what ``price``
-    calls, under ``meta``, for each pricing).
-
-    Args:
-        config: The transformers config.
-        dtype: The parameters' dtype (default: the config's, else bf16).
-        layers: Build only the first ``layers`` decoder blocks (the planner's depth probes).
-    """
-
-    def __init__(self, config: Any, dtype: torch.dtype | None = None, layers: int | None = None) -> None:
-        self.dtype = dtype or getattr(config, "dtype", None) or torch.bfloat16
-        self.config = config if layers is None else with_layers(config, layers)
-
-    def __call__(self) -> nn.Module:
-        from transformers import AutoModelForCausalLM
-
-        model: nn.Module = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)
-        return model
+        model: nn.Module = AutoModelForCausalLM.from_config(
+            shape, dtype=dtype or getattr(shape, "dtype", None) or torch.bfloat16
+        )
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:
     """Number of parameter elements of ``model`` (shared parameters counted once)."""
     return sum(p.numel() for p in model.parameters())
-
-
-def with_layers(config: Any, layers: int) -> Any:
-    """A copy of ``config`` with its first ``layers`` decoder blocks (per-layer lists cut too)."""
-    import copy
-
-    cut = copy.deepcopy(config)
-    total = cut.num_hidden_layers
-    for key, value in vars(cut).items():
-        if isinstance(value, list) and len(value) == total:
-            setattr(cut, key, value[:layers])
-    cut.num_hidden_layers = layers
-    return cut
-
-
-def dense_prefix(config: Any) -> int:
-    """Leading decoder blocks unlike the rest (DeepSeek-V2/V3's dense blocks before the MoE ones)."""
-    return int(getattr(config, "first_k_dense_replace", 0) or 0)
-

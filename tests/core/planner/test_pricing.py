@@ -65,7 +65,9 @@ FAST = {("qwen2", "balanced"), ("deepseek_v3", "max")}
 """Pairs run by default; the rest of the matrix (about 10 s a pair on an idle 2-core CPU) is slow."""
 
 MATRIX = [
-    pytest.param(model, config, marks=() if (model, config) in FAST else pytest.mark.slow, id=f"{model}-{config}")
+    pytest.param(
+        model, config, marks=() if (model, config) in FAST else pytest.mark.slow, id=f"{model}-{config}"
+    )
     for model in MODELS
     for config in CONFIGS
 ]
