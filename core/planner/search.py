@@ -68,7 +68,7 @@ def plan(
     budget: int | str,
     lora: int | None = 16,
     candidates: Iterable[CiuicConfig] | None = None,
-    max_pricings: int = 8,
+    max_pricings: int = 12,
     progress: Progress | None = None,
 ) -> Plan:
     """The cheapest config, by the cost model, whose priced peak fits ``budget`` (pure).
