@@ -69,6 +69,7 @@ def plan(
     lora: int | None = 16,
     candidates: Iterable[CiuicConfig] | None = None,
     max_pricings: int = 12,
+    refine: int = 2,
     progress: Progress | None = None,
 ) -> Plan:
     """The cheapest config, by the cost model, whose priced peak fits ``budget`` (pure).
@@ -86,6 +87,9 @@ def plan(
         candidates: Price exactly these configs, in this order, instead of searching (each is
             priced; the plan picks the fitting one of least expected slowdown).
         max_pricings: Stop the search after this many pricings (the plan says so).
+        refine: At most this many pricings of phase 2 (configs rated faster than the first fit);
+            0 stops at the first fit. Each pricing of a full-size shape takes a minute or more on
+            a 2-core CPU, so the default stays small.
         progress: Called after each pricing (the CLI's progress bar).
 
     Returns:
@@ -107,7 +111,7 @@ def plan(
     if candidates is not None:
         search.price_all(list(candidates))
     else:
-        search.run(max_pricings)
+        search.run(max_pricings, refine)
     return search.result(time.perf_counter() - started)
 
 
@@ -162,8 +166,9 @@ class _Search:
         ranks = range(3) if lora is not None else range(1)
         self.floors = {rank: weight_floor(meta, weights_rank=rank) for rank in ranks}
 
-    def run(self, max_pricings: int) -> None:
+    def run(self, max_pricings: int, refine: int) -> None:
         best = self._ladder(max_pricings)
+        max_pricings = min(max_pricings, self._count() + refine)
         if best is None or self.stopped:
             return
         limit = slowdown(best)
@@ -171,7 +176,7 @@ class _Search:
         cheaper.sort(key=lambda k: (round(slowdown(k) / BUCKET), -sum(k.ranks())))
         for knobs in cheaper:
             if self._count() >= max_pricings:
-                self.stopped = f"stopped after {max_pricings} pricings (max_pricings)"
+                self.stopped = f"faster configs left unpriced after {refine} refining pricings (refine)"
                 return
             if self._skip(knobs):
                 continue
