@@ -9,5 +9,5 @@ setup(
         *(f"ciuic.{name}" for name in find_packages("core")),
         *find_packages(include=["ciuic_lightning", "ciuic_lightning.*", "ciuic_hf", "ciuic_hf.*"]),
     ],
-    package_data={"ciuic": ["py.typed"]},
+    package_data={"ciuic": ["py.typed"], "ciuic.planner": ["shapes/*.json"]},
 )

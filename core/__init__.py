@@ -34,6 +34,7 @@ from .api import (
 from .config import CiuicConfig
 from .errors import ApplyError, CiuicError, ConfigError, TechniqueUnavailableError, UnknownTechniqueError
 from .memory import MemoryMeter, MemoryReading
+from .planner import Plan, plan
 from .registry import discover as _discover
 
 try:
@@ -49,6 +50,7 @@ __all__ = [
     "ConfigError",
     "MemoryMeter",
     "MemoryReading",
+    "Plan",
     "TechniqueUnavailableError",
     "UnknownTechniqueError",
     "__version__",
@@ -57,6 +59,7 @@ __all__ = [
     "build_optimizer",
     "handle_of",
     "optimizer_requests",
+    "plan",
     "remove_",
     "saved_config",
     "step_scope",

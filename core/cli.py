@@ -2,7 +2,8 @@
 
 ``ciuic demo`` runs the main job (LoRA fine-tuning of a small DeepSeek-V3-architecture model,
 built offline) under a preset or a config file and prints the memory table of the run;
-``ciuic config`` prints a preset as a YAML/JSON file to start from.
+``ciuic config`` prints a preset as a YAML/JSON file to start from; ``ciuic plan`` finds the
+cheapest config whose priced peak fits a budget (``ciuic.plan``).
 """
 
 from __future__ import annotations
@@ -65,7 +66,32 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument(
         "--format", choices=("yaml", "json"), default="yaml", help="output format (default: yaml)"
     )
+    _add_plan(commands)
     return parser
+
+
+def _add_plan(commands: argparse._SubParsersAction) -> None:
+    from .planner import SHAPES
+
+    plan = commands.add_parser(
+        "plan",
+        help="find the cheapest config whose priced peak fits a memory budget",
+        description="Prices candidate configs by running the training step of the full-size model "
+        "on fake tensors (no GPU, no memory) and prints each one's peak by category, whether it "
+        "fits the budget less the margin for what a fake step cannot see (CUDA context, allocator "
+        "fragmentation, NCCL buffers), and its expected slowdown (a cost model calibrated on the "
+        "bench scripts).",
+        epilog="shipped shapes: " + ", ".join(SHAPES),
+    )
+    plan.add_argument("--model", required=True, help="a shipped shape name, or a config.json path or folder")
+    plan.add_argument("--seq", type=_positive_int, required=True, help="tokens per sample")
+    plan.add_argument("--batch", type=_positive_int, default=1, help="samples per step (default: 1)")
+    plan.add_argument(
+        "--lora-rank", type=int, default=16, help="LoRA rank; 0: full fine-tuning (default: 16)"
+    )
+    plan.add_argument("--budget", required=True, help="accelerator memory, e.g. 8GiB or 24GB")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
+    plan.add_argument("--no-progress", action="store_true", help="hide the progress output")
 
 
 def _add_config_source(parser: argparse.ArgumentParser) -> None:
@@ -119,6 +145,25 @@ def _print_config(args: argparse.Namespace) -> None:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
 
 
+def _run_plan(args: argparse.Namespace) -> None:
+    from .planner import plan
+    from .planner.progress import PlanProgress
+
+    warnings.filterwarnings("ignore", module=r"peft(\.|$)")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers(\.|$)")
+    warnings.filterwarnings("ignore", message="ciuic.apply_:")  # the table says what each config does
+    with PlanProgress(sys.stderr, enabled=not args.no_progress) as progress:
+        result = plan(
+            args.model,
+            seq_len=args.seq,
+            batch=args.batch,
+            budget=args.budget,
+            lora=args.lora_rank or None,
+            progress=progress,
+        )
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ciuic`` command; returns the exit status."""
     parser = build_parser()
@@ -129,6 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "demo":
             _run_demo(args)
+        elif args.command == "plan":
+            _run_plan(args)
         else:
             _print_config(args)
     except (CiuicError, OSError) as error:

@@ -1,7 +1,36 @@
-"""The planner: what a config costs in memory, found by running the training step on fake
-tensors (:func:`price`)."""
+"""The planner: will a fine-tuning step fit, and with which config?
+
+``ciuic.plan(model_or_shape, seq_len=, batch=, budget=, lora=)`` prices candidate configs by
+running the training step of the full-size model on fake tensors (:func:`price`) and returns
+the cheapest one, in expected step time (:mod:`ciuic.planner.cost`), whose peak fits the
+budget less a margin (:mod:`ciuic.planner.margin`). :func:`escalations` is the order the OOM
+recovery follows.
+"""
 
 from .build import build_model, fake_model, materialize_
+from .escalate import escalations, micro_batch_counts
+from .margin import margin_bytes
+from .plan_result import Candidate, Plan
 from .pricing import Pricing, price
+from .recipes import qlora_recipe
+from .search import plan
+from .shapes import SHAPES, count_parameters, empty_model, load_shape
 
-__all__ = ["Pricing", "build_model", "fake_model", "materialize_", "price"]
+__all__ = [
+    "SHAPES",
+    "Candidate",
+    "Plan",
+    "Pricing",
+    "build_model",
+    "count_parameters",
+    "empty_model",
+    "fake_model",
+    "escalations",
+    "load_shape",
+    "margin_bytes",
+    "materialize_",
+    "micro_batch_counts",
+    "plan",
+    "price",
+    "qlora_recipe",
+]
