@@ -44,19 +44,30 @@ class Codec:
 
     def encode(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(packed uint8 data, fp32 absmax per block)`` of a 1-D tensor."""
+        flat = flat.detach().contiguous().reshape(-1)
+        if is_fake(flat):
+            return self._fake_encode(flat)
         import bitsandbytes.functional as bnbf
 
-        flat = flat.detach().contiguous().reshape(-1)
         if self.format == "int8":
             data, state = bnbf.quantize_blockwise(flat, blocksize=self.blocksize)
         else:
             data, state = bnbf.quantize_4bit(flat, blocksize=self.blocksize, quant_type=self.format)
         return data.reshape(-1), state.absmax
 
+    def _fake_encode(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # bitsandbytes cannot run on fake tensors: the shapes it would return, uncomputed
+        blocks = -(-flat.numel() // self.blocksize)
+        data = torch.empty(self.packed_numel(flat.numel()), dtype=torch.uint8, device=flat.device)
+        return data, torch.empty(blocks, dtype=torch.float32, device=flat.device)
+
     def decode(
         self, data: torch.Tensor, absmax: torch.Tensor, shape: torch.Size, dtype: torch.dtype
     ) -> torch.Tensor:
-        """The dense tensor of ``shape`` and ``dtype`` that ``encode`` stored in ``data``/``absmax``."""
+        """The dense tensor of ``shape`` and ``dtype`` that ``encode`` stored in ``data``/``absmax``
+        (under fake tensors: an uncomputed tensor of that shape and dtype)."""
+        if is_fake(data):
+            return torch.empty(shape, dtype=dtype, device=data.device)
         import bitsandbytes.functional as bnbf
 
         absmax = absmax.float()
@@ -73,6 +84,13 @@ class Codec:
             dtype=dtype,
         )
         return bnbf.dequantize_4bit(data.reshape(-1, 1), state).reshape(shape)
+
+
+def is_fake(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a ``FakeTensor`` (shapes and dtypes only, no data)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(tensor, FakeTensor)
 
 
 _MAPS: dict[torch.device, torch.Tensor] = {}
@@ -149,5 +167,7 @@ def storage_bytes(*tensors: torch.Tensor | None) -> int:
     for tensor in tensors:
         if tensor is not None and tensor.device.type != "meta":
             storage = tensor.untyped_storage()
-            seen[storage.data_ptr()] = storage.nbytes()
+            # fake tensors have no data pointer: their storage object is the identity then
+            key = storage._cdata if is_fake(tensor) else storage.data_ptr()
+            seen[key] = storage.nbytes()
     return sum(seen.values())
