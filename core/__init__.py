@@ -33,6 +33,7 @@ from .api import (
 )
 from .config import CiuicConfig
 from .errors import ApplyError, CiuicError, ConfigError, TechniqueUnavailableError, UnknownTechniqueError
+from .lora_targets import lora_targets
 from .memory import MemoryMeter, MemoryReading
 from .registry import discover as _discover
 
@@ -56,6 +57,7 @@ __all__ = [
     "as_config",
     "build_optimizer",
     "handle_of",
+    "lora_targets",
     "optimizer_requests",
     "remove_",
     "saved_config",

@@ -18,7 +18,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from peft.tuners.lora.layer import ParamWrapper
+
+# Imported only where PEFT already wrapped the experts (expert_slot.py imports it lazily).
+from peft.tuners.lora.layer import ParamWrapper  # noqa: TID253
 from torch import nn
 
 from ciuic.errors import ApplyError
@@ -79,7 +81,7 @@ def collect_factors(wrapper: nn.Module) -> dict[str, list[tuple[torch.Tensor, to
 
 def chain_of(module: nn.Module) -> list[nn.Module]:
     """The nested ``ParamWrapper`` modules from ``module`` down to (not including) its base."""
-    chain = []
+    chain: list[nn.Module] = []
     while isinstance(module, ParamWrapper):
         chain.append(module)
         module = module.base_layer
@@ -90,9 +92,9 @@ def swap_chain(module: nn.Module) -> list[nn.Module]:
     """Turn PEFT's ``ParamWrapper`` chain at ``module`` into :class:`QuantizedParamWrapper` if its
     base is a :class:`QuantizedExperts`; returns the wrappers whose class changed."""
     chain = chain_of(module)
-    if not chain or not isinstance(chain[-1].base_layer, QuantizedExperts):
+    if not chain or not isinstance(chain[-1].get_submodule("base_layer"), QuantizedExperts):
         return []
-    swapped = [w for w in chain if type(w) is ParamWrapper]
+    swapped: list[nn.Module] = [w for w in chain if type(w) is ParamWrapper]
     for wrapper in swapped:
         wrapper.__class__ = QuantizedParamWrapper
     return swapped
@@ -100,6 +102,7 @@ def swap_chain(module: nn.Module) -> list[nn.Module]:
 
 def unswap_chain(module: nn.Module) -> None:
     """Turn every :class:`QuantizedParamWrapper` of the chain at ``module`` back into PEFT's class."""
+    peft_class: type = ParamWrapper
     for wrapper in chain_of(module):
         if type(wrapper) is QuantizedParamWrapper:
-            wrapper.__class__ = ParamWrapper
+            wrapper.__class__ = peft_class

@@ -28,7 +28,7 @@ class SwapHook:
 
     def __call__(self, holder: nn.Module, args: Any) -> None:
         child = getattr(holder, self.attr, None)
-        if is_peft_param_wrapper(child):
+        if isinstance(child, nn.Module) and is_peft_param_wrapper(child):
             from .expert_lora import swap_chain
 
             swap_chain(child)

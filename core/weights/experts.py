@@ -102,7 +102,7 @@ class QuantizedExperts(nn.Module):
             data, absmax = self.codec.encode(dense)
             self.register_buffer(f"{name}_data", data.view(self.num_experts, -1))
             self.register_buffer(f"{name}_absmax", absmax.view(self.num_experts, -1))
-        self._add_placeholders(torch.empty((), dtype=self.dtype, device=self.gate_up_proj_data.device))
+        self._add_placeholders(torch.empty((), dtype=self.dtype, device=source.gate_up_proj.device))
 
     # -- placeholders: what PEFT's target_parameters sees -----------------------------------
     def _add_placeholders(self, scalar: torch.Tensor) -> None:
@@ -279,8 +279,8 @@ def _dense_expert_forward(module: Any) -> Callable[..., torch.Tensor]:
     def project(name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, getattr(module, name)[expert])
 
-    def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        return expert_loop(hidden_states, top_k_index, top_k_weights, module.num_experts, module.act_fn, project)
+    def forward(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        return expert_loop(hidden, top_k_index, top_k_weights, module.num_experts, module.act_fn, project)
 
     return forward
 

@@ -44,8 +44,8 @@ from torch import nn
 from ciuic.errors import ApplyError
 from ciuic.registry import Applied
 
-from .experts import EXPERT_PARAMS, QuantizedExperts, fused_experts_layout_problem
 from .expert_slot import install_swap_hook, is_peft_param_wrapper, remove_swap_hook
+from .experts import EXPERT_PARAMS, QuantizedExperts, fused_experts_layout_problem
 from .functional import storage_bytes
 from .linear import (
     dequantize_linear,

@@ -16,12 +16,25 @@ from tests.core.weights.helpers import HIDDEN, frozen_deepseek, frozen_qwen2
 from tests.models import deepseek_v3, progressions, qwen2
 
 
-def test_full_fine_tuning_model_raises_a_clear_error() -> None:
-    model = deepseek_v3(hidden_size=HIDDEN)  # every parameter trainable
+def test_a_full_fine_tuning_model_is_frozen_with_the_count_and_remove_unfreezes_it() -> None:
+    model = deepseek_v3(hidden_size=HIDDEN)  # every parameter trainable, as load_in_4bit users hand it
+    count = len(list(model.parameters()))
+    handle = ciuic.apply_(model, CiuicConfig(weights="nf4"))
+    details = handle.applied[0].details
+    assert details["frozen_parameters"] == count and "full fine-tuning" in details["froze_full_fine_tuning"]
+    assert details["coverage"] >= 0.95 and not any(p.requires_grad for p in model.parameters())
+    ciuic.remove_(model)
+    assert len(list(model.parameters())) == count
+    assert all(p.requires_grad and p.device.type == "cpu" for p in model.parameters())
+
+
+def test_trainable_candidates_beside_frozen_parameters_raise_a_clear_error() -> None:
+    model = deepseek_v3(hidden_size=HIDDEN)
+    model.model.norm.requires_grad_(False)  # not full fine-tuning: the user froze something
     with pytest.raises(ApplyError, match=r"require grad \(full fine-tuning\).*freeze=\('model.layers',\)"):
         ciuic.apply_(model, CiuicConfig(weights="nf4"))
     assert ciuic.handle_of(model) is None
-    assert all(p.requires_grad and p.device.type == "cpu" for p in model.parameters())
+    assert sum(not p.requires_grad for p in model.parameters()) == 1
 
 
 def test_naming_modules_to_freeze_quantizes_them_and_undo_unfreezes() -> None:
