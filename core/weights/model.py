@@ -180,13 +180,18 @@ def quantize_(model: nn.Module, options: WeightOptions) -> Applied:
     quantized_by = _bnb_loaded(model)
     if quantized_by is not None:
         reason = f"already quantized by transformers ({quantized_by}): left as loaded"
-        return Applied("weights", skipped=[("model", reason)], details={"format": options.format})
+        return Applied(
+            "weights", skipped=[("model", reason)], details={"format": options.format, "already": True}
+        )
     frozen = _freeze(model, options.freeze)
     full_fine_tuning = not frozen and _is_full_fine_tuning(model)
     if full_fine_tuning:
         frozen = _freeze(model, ("",))
     try:
         plan = _plan(model, options)
+        if _already_quantized(plan):
+            _unfreeze(frozen)
+            return _already_quantized_record(options, plan)
         _check_plan(model, options, plan)
         conversions = _convert(model, plan, options)
     except BaseException:
@@ -215,7 +220,7 @@ def _plan(model: nn.Module, options: WeightOptions) -> _Plan:
         if any(name.startswith(prefix + ".") for prefix in done):
             continue
         if is_bnb_linear(module) or isinstance(module, _STORED):
-            plan.skipped["already stored by bitsandbytes/ciuic: left as is"].append(name)
+            plan.skipped[_ALREADY].append(name)
             done.append(name)
             continue
         if is_peft_param_wrapper(module):
@@ -243,7 +248,7 @@ def _plan_param_wrapper(plan: _Plan, name: str, wrapper: nn.Module, options: Wei
     while is_peft_param_wrapper(base):
         base, base_name = base.get_submodule("base_layer"), f"{base_name}.base_layer"
     if isinstance(base, _STORED):
-        plan.skipped["already stored by bitsandbytes/ciuic: left as is"].append(base_name)
+        plan.skipped[_ALREADY].append(base_name)
     elif fused_experts_layout_problem(base) is None:
         _plan_experts(plan, base_name, base, options)
     else:
@@ -336,6 +341,27 @@ def _common_skip_reason(name: str, params: list[torch.Tensor], options: WeightOp
     if any(p.device.type == "meta" for p in params):
         return "weights on the meta device: load them first"
     return None
+
+
+_ALREADY = "already stored by bitsandbytes/ciuic: left as is"
+
+
+def _already_quantized(plan: _Plan) -> bool:
+    """Nothing left to convert because earlier conversions stored it all."""
+    return not (plan.linears or plan.experts or plan.tables) and bool(plan.skipped.get(_ALREADY))
+
+
+def _already_quantized_record(options: WeightOptions, plan: _Plan) -> Applied:
+    """The record of a ``weights=`` request on an already quantized model: nothing changed, so
+    there is nothing to undo (the earlier conversion keeps its own undo)."""
+    names = plan.skipped[_ALREADY]
+    reason = (
+        f"already quantized ({len(names)} modules stored by bitsandbytes/ciuic, e.g. {names[0]!r}): "
+        f"left as they are; remove_ leaves them quantized"
+    )
+    return Applied(
+        "weights", skipped=[("model", reason)], details={"format": options.format, "already": True}
+    )
 
 
 def _check_plan(model: nn.Module, options: WeightOptions, plan: _Plan) -> None:
