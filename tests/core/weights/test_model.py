@@ -161,3 +161,34 @@ def test_reported_bytes_match_the_modules_storage(dtype: torch.dtype) -> None:
     ids = progressions(batch_size=1, seq_len=8)
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
+
+
+def test_a_preset_on_a_model_ciuic_already_quantized_applies_the_rest_and_undoes_only_that() -> None:
+    model = frozen_deepseek()
+    earlier = convert_weights(model, WeightOptions(format="nf4"))  # no handle: the direct converter
+    handle = ciuic.apply_(model, CiuicConfig.preset("balanced"))
+    record = handle.record("weights")
+    assert record is not None and record.details["already"] and not record.changed
+    assert any("already quantized" in reason for _, reason in record.skipped)
+    assert {r.name for r in handle.applied} > {"weights"}  # the preset's other techniques ran
+    ciuic.remove_(model)
+    assert is_bnb_linear(model.model.layers[0].self_attn.q_a_proj)  # the earlier conversion stays
+    assert isinstance(model.model.layers[1].mlp.experts, QuantizedExperts)
+    earlier.undo()
+    assert type(model.model.layers[0].self_attn.q_a_proj) is nn.Linear
+
+
+def test_a_preset_on_a_bitsandbytes_loaded_model_reports_the_weights_as_already_quantized() -> None:
+    from transformers import BitsAndBytesConfig
+
+    model = frozen_deepseek()
+    convert_weights(model, WeightOptions(format="nf4"))
+    model.__dict__.pop("_ciuic_weights")  # as transformers leaves it: its flags and config only
+    model.config.quantization_config = BitsAndBytesConfig(load_in_4bit=True)
+    handle = ciuic.apply_(model, CiuicConfig.preset("balanced"))
+    record = handle.record("weights")
+    assert record is not None and record.details["already"]
+    assert "already quantized by transformers" in record.skipped[0][1]
+    assert len(handle.applied) > 1
+    ciuic.remove_(model)
+    assert is_bnb_linear(model.model.layers[0].self_attn.q_a_proj)
