@@ -115,13 +115,14 @@ def test_model_loaded_with_bitsandbytes_config_is_left_alone() -> None:
     ciuic.remove_(loaded)
 
 
-def test_converting_a_converted_model_again_finds_nothing_and_says_why() -> None:
+def test_converting_a_converted_model_again_reports_it_already_quantized() -> None:
     model = frozen_deepseek()
     first = quantize_(model, WeightOptions(format="int8"))
     with pytest.raises(ApplyError, match="already applied to this DeepseekV3ForCausalLM"):
         quantize_(model, WeightOptions(format="nf4"))  # the door that shares apply_'s handle
-    with pytest.raises(ApplyError, match="already stored by bitsandbytes/ciuic"):
-        convert_weights(model, WeightOptions(format="nf4", skip=("lm_head",)))  # the raw conversion
+    again = convert_weights(model, WeightOptions(format="nf4", skip=("lm_head",)))  # the raw conversion
+    assert again.details["already"] and not again.changed and "already quantized" in again.skipped[0][1]
+    assert is_bnb_linear(model.model.layers[0].self_attn.q_a_proj)
     first.undo()
     assert not any(is_bnb_linear(m) for m in model.modules())
 
@@ -170,7 +171,7 @@ def test_a_preset_on_a_model_ciuic_already_quantized_applies_the_rest_and_undoes
     record = handle.record("weights")
     assert record is not None and record.details["already"] and not record.changed
     assert any("already quantized" in reason for _, reason in record.skipped)
-    assert {r.name for r in handle.applied} > {"weights"}  # the preset's other techniques ran
+    assert {r.technique for r in handle.applied} > {"weights"}  # the preset's other techniques ran
     ciuic.remove_(model)
     assert is_bnb_linear(model.model.layers[0].self_attn.q_a_proj)  # the earlier conversion stays
     assert isinstance(model.model.layers[1].mlp.experts, QuantizedExperts)
