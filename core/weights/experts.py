@@ -146,9 +146,24 @@ class QuantizedExperts(nn.Module):
         finally:
             self._add_placeholders(scalar)
 
+    def _forward_routing(self, top_k_index: torch.Tensor) -> torch.Tensor:
+        """The routing of the forward pass, also when a checkpoint recomputes it in backward.
+
+        A recompute from inputs that activation compression made lossy (``activations="int4"``
+        with ``checkpointing``) can route a few tokens differently; the recomputed graph must be
+        the forward's (torch's checkpoint refuses tensors of other shapes), so the forward's
+        ``top_k_index`` (``T x k`` integers per MoE layer, the latest forward's) is reused.
+        """
+        if torch._C._current_graph_task_id() == -1:  # a forward, not a recompute in backward
+            self.__dict__["_routing"] = top_k_index.detach() if torch.is_grad_enabled() else None
+            return top_k_index
+        routing = self.__dict__.get("_routing")
+        return routing if routing is not None and routing.shape == top_k_index.shape else top_k_index
+
     def __getstate__(self) -> dict[str, Any]:
         # deepcopy/pickle would clone the expanded placeholders into dense tensors
         state = self.__dict__.copy()
+        state.pop("_routing", None)
         params = state["_parameters"] = dict(state["_parameters"])
         first = params.pop(EXPERT_PARAMS[0])
         params.pop(EXPERT_PARAMS[1])
@@ -198,6 +213,7 @@ class QuantizedExperts(nn.Module):
         ``lora``, each routed expert's low-rank delta is added on its tokens alone (no dense
         delta, no dense expert stack)."""
         factors = lora or {}
+        top_k_index = self._forward_routing(top_k_index)
 
         def project(name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
             out = frozen_linear(x, self._weight_fn(name, expert))
