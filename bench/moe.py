@@ -40,7 +40,8 @@ def main() -> None:
         model, handle = build()
         coverage = handle.applied[0].details["coverage"]
         stored = moe._weight_bytes(model)
-        print(f"{order:<20} {coverage:>9.2%} {stored:>13,} {stored / bf16:>8.3f}x  (bf16: {bf16:,} B)", flush=True)
+        row = f"{order:<20} {coverage:>9.2%} {stored:>13,} {stored / bf16:>8.3f}x"
+        print(f"{row}  (bf16: {bf16:,} B)", flush=True)
     model, losses, dense_losses = moe.train_pair(args.steps)
     final, dense_final = moe.final_loss(losses), moe.final_loss(dense_losses)
     print(
