@@ -18,6 +18,8 @@ from tests.models import COPIES, deepseek_v3, lora, progressions
 CONFIG = CiuicConfig(activations="int8", offload={"activations"}, checkpointing=2)
 
 
+
+
 def _hooks_of(model: nn.Module) -> SavedTensorHooks:
     found = [getattr(h, "__self__", None) for h in model._forward_pre_hooks.values()]
     hooks = [h for h in found if isinstance(h, SavedTensorHooks)]

@@ -129,6 +129,8 @@ def test_remove_restores_the_model() -> None:
     assert torch.equal(out.logits, ref.logits) and torch.equal(out.loss, ref.loss)
 
 
+
+
 @pytest.mark.parametrize("duplicate", COPIES.values(), ids=list(COPIES))
 def test_a_copy_of_a_patched_model_trains_bitwise_like_the_original(
     duplicate: Callable[[nn.Module], nn.Module],
