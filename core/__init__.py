@@ -33,6 +33,7 @@ from .api import (
 )
 from .config import CiuicConfig
 from .errors import ApplyError, CiuicError, ConfigError, TechniqueUnavailableError, UnknownTechniqueError
+from .lora_targets import lora_targets
 from .memory import MemoryMeter, MemoryReading
 from .planner import Plan, plan
 from .registry import discover as _discover
@@ -58,6 +59,7 @@ __all__ = [
     "as_config",
     "build_optimizer",
     "handle_of",
+    "lora_targets",
     "optimizer_requests",
     "plan",
     "remove_",

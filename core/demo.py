@@ -35,8 +35,9 @@ LORA_TARGETS = (
     "up_proj",
     "down_proj",
 )
-"""MLA attention and MLP projections of DeepSeek-V2/V3 (the routed experts are fused 3-D
-parameters in transformers 5, which LoRA does not target)."""
+"""MLA attention and MLP projections of DeepSeek-V2/V3 by name. :func:`add_lora` uses
+:func:`ciuic.lora_targets` instead, which also reaches the fused routed experts (3-D
+parameters in transformers 5) and leaves out what PEFT would drop."""
 
 
 def tiny_deepseek_v3(
@@ -86,19 +87,21 @@ def add_lora(
     model: nn.Module,
     *,
     rank: int = 8,
-    targets: tuple[str, ...] = LORA_TARGETS,
+    targets: tuple[str, ...] | None = None,
     modules_to_save: tuple[str, ...] = ("lm_head", "embed_tokens"),
 ) -> nn.Module:
-    """Wrap ``model`` with PEFT LoRA adapters on ``targets``.
+    """Wrap ``model`` with PEFT LoRA adapters on ``targets`` (default: :func:`ciuic.lora_targets`,
+    attention, MLPs and routed experts).
 
     ``modules_to_save`` are trained in full (PEFT keeps a trainable copy), as is usual when the
     task brings tokens the base model never learned; everything else is frozen.
     """
     from peft import LoraConfig, get_peft_model
 
-    lora = LoraConfig(
-        r=rank, lora_alpha=2 * rank, target_modules=list(targets), modules_to_save=list(modules_to_save)
-    )
+    from .lora_targets import lora_targets
+
+    found = lora_targets(model) if targets is None else {"target_modules": list(targets)}
+    lora = LoraConfig(r=rank, lora_alpha=2 * rank, modules_to_save=list(modules_to_save), **found)
     return get_peft_model(model, lora)
 
 

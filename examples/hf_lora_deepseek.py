@@ -26,7 +26,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 import ciuic
-from ciuic.demo import LORA_TARGETS, progression_batches, tiny_deepseek_v3
+from ciuic.demo import progression_batches, tiny_deepseek_v3
 from ciuic_hf import CiuicCallback
 
 
@@ -73,11 +73,11 @@ def load_model(name: str | None) -> tuple[torch.nn.Module, Any]:
     return AutoModelForCausalLM.from_pretrained(name, dtype=dtype), AutoTokenizer.from_pretrained(name)
 
 
-def add_lora(model: torch.nn.Module, rank: int, tiny: bool) -> torch.nn.Module:
+def add_lora(model: torch.nn.Module, rank: int) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
-    targets: Any = list(LORA_TARGETS) if tiny else "all-linear"
-    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
+    # attention, MLPs and the fused routed experts, found by inspecting the model
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, **ciuic.lora_targets(model)))
 
 
 def load_data(args: argparse.Namespace, tokenizer: Any, vocab_size: int) -> Blocks:
@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> Trainer:
         ciuic.CiuicConfig.from_file(args.config) if args.config else ciuic.CiuicConfig.preset(args.preset)
     )
     model, tokenizer = load_model(args.model)
-    model = add_lora(model, args.lora_rank, tiny=args.model is None)
+    model = add_lora(model, args.lora_rank)
     data = load_data(args, tokenizer, model.config.vocab_size)
     output_dir = args.output_dir or Path(tempfile.mkdtemp(prefix="ciuic-hf-"))
     training_args = TrainingArguments(

@@ -27,8 +27,9 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+import ciuic
 import ciuic_lightning
-from ciuic.demo import LORA_TARGETS, progression_batches, tiny_deepseek_v3
+from ciuic.demo import progression_batches, tiny_deepseek_v3
 
 VOCAB = 64
 CLI_SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -122,9 +123,8 @@ def _load(model: str | None) -> torch.nn.Module:
 def _with_lora(model: torch.nn.Module, rank: int) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
-    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    targets = [t for t in (*LORA_TARGETS, "q_proj", "k_proj", "v_proj") if t in names]
-    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
+    # attention, MLPs and the fused routed experts, found by inspecting the model
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, **ciuic.lora_targets(model)))
 
 
 def cli(args: list[str] | None = None) -> Any:

@@ -10,17 +10,24 @@ experts the router picked, one at a time, so at most one expert's dense weight i
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .functional import Codec, frozen_linear
+from .functional import Codec, frozen_linear, is_fake
 
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+
+LoraFactors = Mapping[str, Sequence[tuple[torch.Tensor, torch.Tensor, float]]]
+"""Per expert tensor name, the ``(lhs (E, out, r), rhs (E, r, in), scaling)`` of each active
+LoRA adapter (PEFT's ``ParamWrapper.get_delta_factors``): expert ``e``'s delta is
+``scaling * lhs[e] @ rhs[e]``."""
 
 
 def fused_experts_layout_problem(module: nn.Module) -> str | None:
@@ -95,6 +102,78 @@ class QuantizedExperts(nn.Module):
             data, absmax = self.codec.encode(dense)
             self.register_buffer(f"{name}_data", data.view(self.num_experts, -1))
             self.register_buffer(f"{name}_absmax", absmax.view(self.num_experts, -1))
+        self._add_placeholders(torch.empty((), dtype=self.dtype, device=source.gate_up_proj.device))
+
+    # -- placeholders: what PEFT's target_parameters sees -----------------------------------
+    def _add_placeholders(self, scalar: torch.Tensor) -> None:
+        """Register ``gate_up_proj``/``down_proj`` as frozen 0-stride parameters of the dense
+        shape, dtype and device over one element of storage: PEFT finds its ``target_parameters``
+        with ``named_parameters(recurse=False)`` and sizes its adapters from them, so the
+        quantized module can be wrapped after conversion. Their values are never read; they are
+        kept out of ``state_dict`` and rebuilt (never materialized) by ``.to()``/``to_empty``."""
+        for name in EXPERT_PARAMS:
+            placeholder = scalar.expand(self.num_experts, *self.shapes[name])
+            self._parameters[name] = nn.Parameter(placeholder, requires_grad=False)
+
+    def _drop_placeholders(self) -> torch.Tensor:
+        first = self._parameters.pop(EXPERT_PARAMS[0])
+        self._parameters.pop(EXPERT_PARAMS[1])
+        assert first is not None
+        return torch.empty((), dtype=first.dtype, device=first.device)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> QuantizedExperts:
+        scalar = self._drop_placeholders()
+        try:
+            super()._apply(fn, recurse)
+            scalar = fn(scalar)
+        finally:
+            self._add_placeholders(scalar)
+        if scalar.is_floating_point():
+            self.dtype = scalar.dtype
+        return self
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        scalar = self._drop_placeholders()
+        try:
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+        finally:
+            self._add_placeholders(scalar)
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        scalar = self._drop_placeholders()
+        try:
+            super()._load_from_state_dict(state_dict, prefix, *args)
+        finally:
+            self._add_placeholders(scalar)
+
+    def _forward_routing(self, top_k_index: torch.Tensor) -> torch.Tensor:
+        """The routing of the forward pass, also when a checkpoint recomputes it in backward.
+
+        A recompute from inputs that activation compression made lossy (``activations="int4"``
+        with ``checkpointing``) can route a few tokens differently; the recomputed graph must be
+        the forward's (torch's checkpoint refuses tensors of other shapes), so the forward's
+        ``top_k_index`` (``T x k`` integers per MoE layer, the latest forward's) is reused.
+        """
+        if torch._C._current_graph_task_id() == -1:  # a forward, not a recompute in backward
+            self.__dict__["_routing"] = top_k_index.detach() if torch.is_grad_enabled() else None
+            return top_k_index
+        routing = self.__dict__.get("_routing")
+        return routing if routing is not None and routing.shape == top_k_index.shape else top_k_index
+
+    def __getstate__(self) -> dict[str, Any]:
+        # deepcopy/pickle would clone the expanded placeholders into dense tensors
+        state = self.__dict__.copy()
+        state.pop("_routing", None)
+        params = state["_parameters"] = dict(state["_parameters"])
+        first = params.pop(EXPERT_PARAMS[0])
+        params.pop(EXPERT_PARAMS[1])
+        state["_placeholder_scalar"] = torch.empty((), dtype=first.dtype, device=first.device)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        scalar = state.pop("_placeholder_scalar")
+        super().__setstate__(state)
+        self._add_placeholders(scalar)
 
     @staticmethod
     def layout_problem(experts: nn.Module, format: str) -> str | None:
@@ -129,25 +208,136 @@ class QuantizedExperts(nn.Module):
         return functools.partial(self.expert_weight, name, expert)
 
     def forward(
-        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+        self,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        *,
+        lora: LoraFactors | None = None,
     ) -> torch.Tensor:
-        """transformers' eager expert loop, each expert's weights dequantized when used."""
-        final = torch.zeros_like(hidden_states)
-        with torch.no_grad():
-            mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
-            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
-        for row in hit:
-            expert = int(row[0])
-            if expert == self.num_experts:
-                continue
-            top_k_pos, token_idx = torch.where(mask[expert])
-            gate_up = frozen_linear(hidden_states[token_idx], self._weight_fn("gate_up_proj", expert))
-            gate, up = gate_up.chunk(2, dim=-1)
-            out = frozen_linear(self.act_fn(gate) * up, self._weight_fn("down_proj", expert))
-            out = out * top_k_weights[token_idx, top_k_pos, None]
-            final.index_add_(0, token_idx, out.to(final.dtype))
-        return final
+        """transformers' eager expert loop, each expert's weights dequantized when used; with
+        ``lora``, each routed expert's low-rank delta is added on its tokens alone (no dense
+        delta, no dense expert stack)."""
+        factors = lora or {}
+        top_k_index = self._forward_routing(top_k_index)
+
+        def project(name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
+            out = frozen_linear(x, self._weight_fn(name, expert))
+            for lhs, rhs, scaling in factors.get(name, ()):
+                delta = (x.to(rhs.dtype) @ rhs[expert].transpose(0, 1)) @ lhs[expert].transpose(0, 1)
+                out = out + (scaling * delta).to(out.dtype)
+            return out
+
+        return expert_loop(hidden_states, top_k_index, top_k_weights, self.num_experts, self.act_fn, project)
 
     def extra_repr(self) -> str:
         shapes = ", ".join(f"{n}=({self.num_experts}, {s[0]}, {s[1]})" for n, s in self.shapes.items())
         return f"format={self.codec.format}, {shapes}"
+
+
+Project = Callable[[str, int, torch.Tensor], torch.Tensor]
+"""``project(name, expert, x)``: ``x`` through expert ``expert``'s tensor ``name``."""
+
+
+def expert_loop(
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    num_experts: int,
+    act_fn: Callable[[torch.Tensor], torch.Tensor],
+    project: Project,
+) -> torch.Tensor:
+    """transformers' eager fused-experts loop over the routed experts, one at a time.
+
+    Under ``FakeTensorMode`` the routing cannot be read (it is data-dependent), so
+    :func:`balanced_routes` stands in for it.
+    """
+    final = torch.zeros_like(hidden_states)
+    for expert, token_idx, top_k_pos in _routes(top_k_index, num_experts):
+        gate_up = project("gate_up_proj", expert, hidden_states[token_idx])
+        gate, up = gate_up.chunk(2, dim=-1)
+        out = project("down_proj", expert, act_fn(gate) * up)
+        out = out * top_k_weights[token_idx, top_k_pos, None]
+        final.index_add_(0, token_idx, out.to(final.dtype))
+    return final
+
+
+def _routes(top_k_index: torch.Tensor, num_experts: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    if is_fake(top_k_index):
+        yield from balanced_routes(top_k_index, num_experts)
+        return
+    with torch.no_grad():
+        mask = F.one_hot(top_k_index, num_classes=num_experts + 1).permute(2, 1, 0)
+        hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+    for row in hit:
+        expert = int(row[0])
+        if expert == num_experts:
+            continue
+        top_k_pos, token_idx = torch.where(mask[expert])
+        yield expert, token_idx, top_k_pos
+
+
+def balanced_routes(
+    top_k_index: torch.Tensor, num_experts: int
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """The routing assumed where it cannot be read (fake tensors): balanced, every expert gets
+    ``ceil(T * k / E)`` of the ``T`` tokens' ``k`` choices. A real router is less even, so this
+    prices the per-expert temporaries of an average expert, not of the busiest one.
+
+    Example:
+        >>> import torch
+        >>> [len(tokens) for _, tokens, _ in balanced_routes(torch.zeros(5, 2, dtype=torch.long), 4)]
+        [3, 3, 3, 3]
+    """
+    tokens, k = top_k_index.shape
+    per_expert = math.ceil(tokens * k / num_experts)
+    token_idx = torch.arange(per_expert, device=top_k_index.device) % max(tokens, 1)
+    top_k_pos = torch.zeros(per_expert, dtype=torch.long, device=top_k_index.device)
+    for expert in range(num_experts):
+        yield expert, token_idx, top_k_pos
+
+
+def _dense_expert_forward(module: Any) -> Callable[..., torch.Tensor]:
+    def project(name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, getattr(module, name)[expert])
+
+    def forward(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        return expert_loop(hidden, top_k_index, top_k_weights, module.num_experts, module.act_fn, project)
+
+    return forward
+
+
+@contextlib.contextmanager
+def fake_routing(model: nn.Module) -> Iterator[None]:
+    """Within the block, every dense fused-experts module of ``model`` runs :func:`expert_loop`
+    instead of its own forward (whose routing ops are data-dependent), so a forward under
+    ``FakeTensorMode`` goes through with :func:`balanced_routes`. On real tensors the loop
+    reads the real routing (transformers' eager computation). :class:`QuantizedExperts`
+    needs no such switch. Restores the modules' forwards on exit.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> class Experts(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.num_experts, self.act_fn = 2, nn.SiLU()
+        ...         self.gate_up_proj = nn.Parameter(torch.randn(2, 8, 4))
+        ...         self.down_proj = nn.Parameter(torch.randn(2, 4, 4))
+        >>> experts = Experts()
+        >>> with fake_routing(experts):
+        ...     experts(torch.randn(3, 4), torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1)).shape
+        torch.Size([3, 4])
+    """
+    patched = [m for m in model.modules() if not isinstance(m, QuantizedExperts) and _is_dense_experts(m)]
+    for module in patched:
+        module.forward = _dense_expert_forward(module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward
+
+
+def _is_dense_experts(module: nn.Module) -> bool:
+    return fused_experts_layout_problem(module) is None

@@ -80,7 +80,7 @@ def _peft_base(model: nn.Module) -> nn.Module:
 
 def _collect(module: nn.Module, prefix: str, out: dict[str, torch.Tensor], merge: bool) -> None:
     base_layer = module.__dict__["_modules"].get("base_layer")
-    if base_layer is not None and type(module).__module__.startswith("peft."):
+    if base_layer is not None and _is_peft(module):
         _collect(base_layer, prefix, out, merge)
         if merge:
             _merge_adapters(module, prefix, out)
@@ -136,6 +136,11 @@ def _merge_adapters(layer: nn.Module, prefix: str, out: dict[str, torch.Tensor])
         with torch.no_grad():
             delta = delta_fn(adapter)
             out[key] = (out[key].float() + delta.float().reshape(out[key].shape)).to(out[key].dtype)
+
+
+def _is_peft(module: nn.Module) -> bool:
+    """A PEFT layer, or Ciuic's subclass of one (``QuantizedParamWrapper``)."""
+    return any(cls.__module__.startswith("peft.") for cls in type(module).__mro__)
 
 
 def _is_modules_to_save(module: nn.Module) -> bool:

@@ -44,6 +44,7 @@ from torch import nn
 from ciuic.errors import ApplyError
 from ciuic.registry import Applied
 
+from .expert_slot import install_swap_hook, is_peft_param_wrapper, remove_swap_hook
 from .experts import EXPERT_PARAMS, QuantizedExperts, fused_experts_layout_problem
 from .functional import storage_bytes
 from .linear import (
@@ -80,6 +81,7 @@ class _Conversion:
     elements: int
     note: str = ""
     wrapper_class: type | None = None
+    slot: tuple[nn.Module, str] | None = None  # experts: where their PEFT chain hangs (swap hook)
     tied: _Conversion | None = None  # the embedding conversion a tied head shares codes with
 
     def undo(self, model: nn.Module) -> None:
@@ -93,6 +95,8 @@ class _Conversion:
             parent.__class__ = self.wrapper_class
         elif attr == "base_layer":  # PEFT wrapped the converted layer after the conversion
             unswap_lora_wrapper(parent)
+        if self.slot is not None:
+            remove_swap_hook(*self.slot)
 
     def _current_place(self, model: nn.Module) -> tuple[nn.Module, str]:
         """Where the converted module sits now: PEFT may have wrapped it since (its
@@ -117,7 +121,7 @@ class _Undo:
     model: nn.Module
     conversions: list[_Conversion]
     flags: list[tuple[nn.Module, dict[str, Any]]]
-    frozen: list[str]
+    frozen: list[tuple[nn.Module, str]]  # (owning module, name): PEFT may rename it since
     ties: list[tuple[nn.Module, nn.Module]]  # (original head, original embedding)
 
     def __call__(self) -> None:
@@ -126,8 +130,7 @@ class _Undo:
         for head, embedding in self.ties:
             head.weight = embedding.weight  # the tie that two separate dequantizations broke
         _restore_flags(self.flags)
-        for name in self.frozen:
-            self.model.get_parameter(name).requires_grad_(True)
+        _unfreeze(self.frozen)
         self.conversions, self.flags, self.frozen, self.ties = [], [], [], []
 
 
@@ -158,8 +161,10 @@ def quantize_(model: nn.Module, options: WeightOptions) -> Applied:
         the real bytes before and after; ``undo()`` dequantizes everything back to dense layers.
 
     Raises:
-        ApplyError: if nothing can be converted, or if every candidate weight is trainable (a
-            full fine-tuning model) and ``options.freeze`` names nothing to freeze.
+        ApplyError: if nothing can be converted, or if every candidate weight is trainable
+            while other parameters are frozen (name the modules in ``options.freeze``). A model
+            whose parameters all require grad (full fine-tuning) is frozen whole instead, with
+            the count in ``details["frozen_parameters"]``; ``undo()`` unfreezes it.
 
     Example:
         >>> import torch
@@ -175,14 +180,22 @@ def quantize_(model: nn.Module, options: WeightOptions) -> Applied:
     quantized_by = _bnb_loaded(model)
     if quantized_by is not None:
         reason = f"already quantized by transformers ({quantized_by}): left as loaded"
-        return Applied("weights", skipped=[("model", reason)], details={"format": options.format})
+        return Applied(
+            "weights", skipped=[("model", reason)], details={"format": options.format, "already": True}
+        )
     frozen = _freeze(model, options.freeze)
+    full_fine_tuning = not frozen and _is_full_fine_tuning(model)
+    if full_fine_tuning:
+        frozen = _freeze(model, ("",))
     try:
         plan = _plan(model, options)
+        if _already_quantized(plan):
+            _unfreeze(frozen)
+            return _already_quantized_record(options, plan)
         _check_plan(model, options, plan)
         conversions = _convert(model, plan, options)
     except BaseException:
-        _unfreeze(model, frozen)
+        _unfreeze(frozen)
         raise
     flags = _set_flags(model, options)
     ties = [(c.original, c.tied.original) for c in conversions if c.tied is not None]
@@ -191,7 +204,7 @@ def quantize_(model: nn.Module, options: WeightOptions) -> Applied:
         changed=[c.name for c in conversions],
         skipped=[(_summarize(names), reason) for reason, names in plan.skipped.items()],
         undo=_Undo(model, conversions, flags, frozen, ties),
-        details=_details(options, plan, conversions),
+        details=_details(options, plan, conversions, frozen if full_fine_tuning else []),
     )
 
 
@@ -207,19 +220,12 @@ def _plan(model: nn.Module, options: WeightOptions) -> _Plan:
         if any(name.startswith(prefix + ".") for prefix in done):
             continue
         if is_bnb_linear(module) or isinstance(module, _STORED):
-            plan.skipped["already stored by bitsandbytes/ciuic: left as is"].append(name)
+            plan.skipped[_ALREADY].append(name)
             done.append(name)
             continue
-        if _is_peft_param_wrapper(module):
-            # PEFT's target_parameters LoRA (which PEFT 0.21 also derives from gate_proj/up_proj
-            # targets on transformers-5 MoE models) reads the dense 3-D parameter itself.
-            reason = (
-                "PEFT LoRA adapts these fused expert parameters (target_parameters): quantizing them "
-                "would detach the adapter; convert before get_peft_model to quantize the experts instead"
-            )
-            plan.skipped[reason].append(name)
-            plan.frozen_elements += sum(p.numel() for p in module.parameters() if not p.requires_grad)
+        if is_peft_param_wrapper(module):
             done.append(name)
+            _plan_param_wrapper(plan, name, module, options)
             continue
         if fused_experts_layout_problem(module) is None:
             done.append(name)
@@ -232,6 +238,23 @@ def _plan(model: nn.Module, options: WeightOptions) -> _Plan:
             _plan_linear(plan, name, module, options)
     plan.tables.sort(key=lambda table: table[2] != "embeddings")  # a tied head shares its codes
     return plan
+
+
+def _plan_param_wrapper(plan: _Plan, name: str, wrapper: nn.Module, options: WeightOptions) -> None:
+    """PEFT's ``target_parameters`` LoRA (nested ``ParamWrapper``s, which PEFT 0.21 also derives
+    from ``gate_proj``/``up_proj`` targets on transformers-5 MoE models): the fused experts at
+    the bottom of the chain are converted, and the chain then adds LoRA per routed expert."""
+    base, base_name = wrapper, name
+    while is_peft_param_wrapper(base):
+        base, base_name = base.get_submodule("base_layer"), f"{base_name}.base_layer"
+    if isinstance(base, _STORED):
+        plan.skipped[_ALREADY].append(base_name)
+    elif fused_experts_layout_problem(base) is None:
+        _plan_experts(plan, base_name, base, options)
+    else:
+        reason = "PEFT target_parameters LoRA on a module that is not fused experts: left dense"
+        plan.skipped[reason].append(name)
+        plan.frozen_elements += sum(p.numel() for p in base.parameters() if not p.requires_grad)
 
 
 def _plan_table(
@@ -320,6 +343,27 @@ def _common_skip_reason(name: str, params: list[torch.Tensor], options: WeightOp
     return None
 
 
+_ALREADY = "already stored by bitsandbytes/ciuic: left as is"
+
+
+def _already_quantized(plan: _Plan) -> bool:
+    """Nothing left to convert because earlier conversions stored it all."""
+    return not (plan.linears or plan.experts or plan.tables) and bool(plan.skipped.get(_ALREADY))
+
+
+def _already_quantized_record(options: WeightOptions, plan: _Plan) -> Applied:
+    """The record of a ``weights=`` request on an already quantized model: nothing changed, so
+    there is nothing to undo (the earlier conversion keeps its own undo)."""
+    names = plan.skipped[_ALREADY]
+    reason = (
+        f"already quantized ({len(names)} modules stored by bitsandbytes/ciuic, e.g. {names[0]!r}): "
+        f"left as they are; remove_ leaves them quantized"
+    )
+    return Applied(
+        "weights", skipped=[("model", reason)], details={"format": options.format, "already": True}
+    )
+
+
 def _check_plan(model: nn.Module, options: WeightOptions, plan: _Plan) -> None:
     if plan.linears or plan.experts or plan.tables:
         return
@@ -402,7 +446,19 @@ def _convert_experts(model: nn.Module, name: str, experts: nn.Module, options: W
     new.train(experts.training)
     stored = storage_bytes(*new.buffers())
     weights = tuple(getattr(experts, p) for p in EXPERT_PARAMS)
-    return _install(model, name, experts, new, EXPERT_PARAMS, weights, stored)
+    conversion = _install(model, name, experts, new, EXPERT_PARAMS, weights, stored)
+    conversion.slot = _experts_slot(model, name)
+    install_swap_hook(*conversion.slot)
+    return conversion
+
+
+def _experts_slot(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The module and attribute holding the experts or the PEFT chain wrapping them."""
+    top = name
+    while top.endswith(".base_layer"):
+        top = top[: -len(".base_layer")]
+    holder, _, attr = top.rpartition(".")
+    return model.get_submodule(holder), attr
 
 
 def _convert_table(
@@ -497,18 +553,28 @@ def dense_weights(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # -- model-level state -----------------------------------------------------------------------
-def _freeze(model: nn.Module, prefixes: tuple[str, ...]) -> list[str]:
-    frozen: list[str] = []  # names: undo puts new (dequantized) parameters at the same names
-    for name, param in model.named_parameters():
-        if param.requires_grad and any(name.startswith(p + ".") for p in prefixes):
-            param.requires_grad_(False)
-            frozen.append(name)
+def _freeze(model: nn.Module, prefixes: tuple[str, ...]) -> list[tuple[nn.Module, str]]:
+    """Freeze the trainable parameters under ``prefixes`` (``""``: all of them)."""
+    frozen: list[tuple[nn.Module, str]] = []  # undo puts new (dequantized) parameters at the same places
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            full = f"{module_name}.{name}" if module_name else name
+            if param.requires_grad and any(not p or full.startswith(p + ".") for p in prefixes):
+                param.requires_grad_(False)
+                frozen.append((module, name))
     return frozen
 
 
-def _unfreeze(model: nn.Module, frozen: list[str]) -> None:
-    for name in frozen:
-        model.get_parameter(name).requires_grad_(True)
+def _unfreeze(frozen: list[tuple[nn.Module, str]]) -> None:
+    for module, name in frozen:
+        getattr(module, name).requires_grad_(True)
+
+
+def _is_full_fine_tuning(model: nn.Module) -> bool:
+    """Every parameter trainable: a full fine-tuning model, which ``weights=`` freezes (as
+    ``load_in_4bit`` and ``prepare_model_for_kbit_training`` do)."""
+    params = list(model.parameters())
+    return bool(params) and all(p.requires_grad for p in params)
 
 
 def _set_flags(model: nn.Module, options: WeightOptions) -> list[tuple[nn.Module, dict[str, Any]]]:
@@ -571,11 +637,6 @@ def _has_part(name: str, part: str) -> bool:
     return part in name.split(".")
 
 
-def _is_peft_param_wrapper(module: nn.Module) -> bool:
-    cls = type(module)
-    return cls.__name__ == "ParamWrapper" and cls.__module__.startswith("peft.")
-
-
 def _is_adapter(name: str) -> bool:
     parts = name.split(".")
     return any(p.startswith("lora_") for p in parts)
@@ -592,7 +653,9 @@ def _summarize(names: list[str]) -> str:
     return shown if len(names) <= 3 else f"{shown} and {len(names) - 3} more"
 
 
-def _details(options: WeightOptions, plan: _Plan, conversions: list[_Conversion]) -> dict[str, Any]:
+def _details(
+    options: WeightOptions, plan: _Plan, conversions: list[_Conversion], froze: list[tuple[nn.Module, str]]
+) -> dict[str, Any]:
     elements = sum(c.elements for c in conversions)
     dense = sum(c.dense_bytes for c in conversions)
     stored = sum(c.stored_bytes for c in conversions)
@@ -609,6 +672,12 @@ def _details(options: WeightOptions, plan: _Plan, conversions: list[_Conversion]
         "head": options.head,
         "embeddings": options.embeddings,
     }
+    if froze:
+        details["froze_full_fine_tuning"] = (
+            f"all {len(froze)} parameters were trainable (full fine-tuning): frozen, as load_in_4bit "
+            f"does; remove_ makes them trainable again"
+        )
+        details["frozen_parameters"] = len(froze)
     if options.double_quant and any(isinstance(c.new, QuantizedExperts) for c in conversions):
         details["double_quant"] = "nn.Linear layers only: fused experts keep fp32 block scales"
     if options.prune is not None:

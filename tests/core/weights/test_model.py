@@ -16,12 +16,25 @@ from tests.core.weights.helpers import HIDDEN, frozen_deepseek, frozen_qwen2
 from tests.models import deepseek_v3, progressions, qwen2
 
 
-def test_full_fine_tuning_model_raises_a_clear_error() -> None:
-    model = deepseek_v3(hidden_size=HIDDEN)  # every parameter trainable
+def test_a_full_fine_tuning_model_is_frozen_with_the_count_and_remove_unfreezes_it() -> None:
+    model = deepseek_v3(hidden_size=HIDDEN)  # every parameter trainable, as load_in_4bit users hand it
+    count = len(list(model.parameters()))
+    handle = ciuic.apply_(model, CiuicConfig(weights="nf4"))
+    details = handle.applied[0].details
+    assert details["frozen_parameters"] == count and "full fine-tuning" in details["froze_full_fine_tuning"]
+    assert details["coverage"] >= 0.95 and not any(p.requires_grad for p in model.parameters())
+    ciuic.remove_(model)
+    assert len(list(model.parameters())) == count
+    assert all(p.requires_grad and p.device.type == "cpu" for p in model.parameters())
+
+
+def test_trainable_candidates_beside_frozen_parameters_raise_a_clear_error() -> None:
+    model = deepseek_v3(hidden_size=HIDDEN)
+    model.model.norm.requires_grad_(False)  # not full fine-tuning: the user froze something
     with pytest.raises(ApplyError, match=r"require grad \(full fine-tuning\).*freeze=\('model.layers',\)"):
         ciuic.apply_(model, CiuicConfig(weights="nf4"))
     assert ciuic.handle_of(model) is None
-    assert all(p.requires_grad and p.device.type == "cpu" for p in model.parameters())
+    assert sum(not p.requires_grad for p in model.parameters()) == 1
 
 
 def test_naming_modules_to_freeze_quantizes_them_and_undo_unfreezes() -> None:
@@ -102,13 +115,14 @@ def test_model_loaded_with_bitsandbytes_config_is_left_alone() -> None:
     ciuic.remove_(loaded)
 
 
-def test_converting_a_converted_model_again_finds_nothing_and_says_why() -> None:
+def test_converting_a_converted_model_again_reports_it_already_quantized() -> None:
     model = frozen_deepseek()
     first = quantize_(model, WeightOptions(format="int8"))
     with pytest.raises(ApplyError, match="already applied to this DeepseekV3ForCausalLM"):
         quantize_(model, WeightOptions(format="nf4"))  # the door that shares apply_'s handle
-    with pytest.raises(ApplyError, match="already stored by bitsandbytes/ciuic"):
-        convert_weights(model, WeightOptions(format="nf4", skip=("lm_head",)))  # the raw conversion
+    again = convert_weights(model, WeightOptions(format="nf4", skip=("lm_head",)))  # the raw conversion
+    assert again.details["already"] and not again.changed and "already quantized" in again.skipped[0][1]
+    assert is_bnb_linear(model.model.layers[0].self_attn.q_a_proj)
     first.undo()
     assert not any(is_bnb_linear(m) for m in model.modules())
 
@@ -148,3 +162,34 @@ def test_reported_bytes_match_the_modules_storage(dtype: torch.dtype) -> None:
     ids = progressions(batch_size=1, seq_len=8)
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
+
+
+def test_a_preset_on_a_model_ciuic_already_quantized_applies_the_rest_and_undoes_only_that() -> None:
+    model = frozen_deepseek()
+    earlier = convert_weights(model, WeightOptions(format="nf4"))  # no handle: the direct converter
+    handle = ciuic.apply_(model, CiuicConfig.preset("balanced"))
+    record = handle.record("weights")
+    assert record is not None and record.details["already"] and not record.changed
+    assert any("already quantized" in reason for _, reason in record.skipped)
+    assert {r.technique for r in handle.applied} > {"weights"}  # the preset's other techniques ran
+    ciuic.remove_(model)
+    assert is_bnb_linear(model.model.layers[0].self_attn.q_a_proj)  # the earlier conversion stays
+    assert isinstance(model.model.layers[1].mlp.experts, QuantizedExperts)
+    earlier.undo()
+    assert type(model.model.layers[0].self_attn.q_a_proj) is nn.Linear
+
+
+def test_a_preset_on_a_bitsandbytes_loaded_model_reports_the_weights_as_already_quantized() -> None:
+    from transformers import BitsAndBytesConfig
+
+    model = frozen_deepseek()
+    convert_weights(model, WeightOptions(format="nf4"))
+    model.__dict__.pop("_ciuic_weights")  # as transformers leaves it: its flags and config only
+    model.config.quantization_config = BitsAndBytesConfig(load_in_4bit=True)
+    handle = ciuic.apply_(model, CiuicConfig.preset("balanced"))
+    record = handle.record("weights")
+    assert record is not None and record.details["already"]
+    assert "already quantized by transformers" in record.skipped[0][1]
+    assert len(handle.applied) > 1
+    ciuic.remove_(model)
+    assert is_bnb_linear(model.model.layers[0].self_attn.q_a_proj)

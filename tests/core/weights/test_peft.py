@@ -7,6 +7,7 @@ import torch
 
 import ciuic
 from ciuic import CiuicConfig
+from ciuic.weights import QuantizedExperts
 from tests.core.weights.helpers import ATTENTION_TARGETS, frozen_deepseek, frozen_qwen2
 from tests.models import lora, progressions
 
@@ -72,14 +73,18 @@ def test_lora_step_on_converted_model_gives_gradients_to_lora_only(build, fmt: s
         assert param.requires_grad == ("lora_" in name), name
 
 
-def test_experts_under_a_peft_target_parameters_adapter_are_left_dense_with_the_reason() -> None:
+def test_experts_under_a_peft_target_parameters_adapter_are_quantized_and_keep_it() -> None:
     # PEFT 0.21 turns gate_proj/up_proj/down_proj targets on transformers-5 MoE models into
-    # LoRA on the fused expert parameters; quantizing them would detach that adapter.
+    # LoRA on the fused expert parameters (nested lora.ParamWrapper): the experts are quantized
+    # under it and the chain adds the LoRA per routed expert.
+    from ciuic.weights.expert_lora import QuantizedParamWrapper
+
     model = lora(frozen_deepseek())
     handle = ciuic.apply_(model, CiuicConfig(weights="nf4"))
-    reasons = [reason for what, reason in handle.applied[0].skipped if "experts" in what]
-    assert reasons and "target_parameters" in reasons[0] and "before get_peft_model" in reasons[0]
-    assert handle.applied[0].details["coverage"] < 0.95  # said, not hidden: the experts stay dense
+    assert handle.applied[0].details["coverage"] >= 0.98
+    outer = model.base_model.model.model.layers[1].mlp.experts
+    assert type(outer) is QuantizedParamWrapper and type(outer.base_layer) is QuantizedParamWrapper
+    assert isinstance(outer.base_layer.base_layer, QuantizedExperts)
 
 
 @pytest.mark.parametrize("fmt", ["nf4", "int8"])
