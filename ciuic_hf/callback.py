@@ -32,6 +32,7 @@ from ciuic import CiuicHandle
 from ciuic.config import CiuicConfig
 from ciuic.errors import ApplyError, ConfigError
 from ciuic.units import format_bytes
+from ciuic.weights.experts import ignore_placeholders_in_ddp
 
 from .checks import check_trainer_optimizer, check_training_args
 from .memory import PEAK_KEY, PeakMemory
@@ -100,6 +101,7 @@ class CiuicCallback(TrainerCallback):
         before = _trainable(model)
         self.handle = existing if existing is not None else ciuic.apply_(model, config)
         self.applied_here = existing is None
+        ignore_placeholders_in_ddp(model)  # the model accelerate wraps (also if applied before PEFT)
         optimizer = kwargs.get("optimizer")
         if optimizer is not None:
             _check_holds_new_trainable(optimizer, model, before)

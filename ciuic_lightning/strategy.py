@@ -50,6 +50,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 import ciuic
 from ciuic import CiuicConfig, ConfigError
+from ciuic.weights.experts import QuantizedExperts, ignore_placeholders_in_ddp
 
 from . import optimizers as _optimizers
 from .recovery import RecoveringClosure
@@ -381,6 +382,12 @@ class CiuicDDPStrategy(CiuicStrategyMixin, DDPStrategy):
         )
         self._init_ciuic(config, {**named, **fields})
 
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        if ciuic.handle_of(self.lightning_module) is None:
+            self._apply_ciuic()
+        ignore_placeholders_in_ddp(model)  # named from Lightning's wrapper, which DDP wraps
+        return super()._setup_model(model)
+
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:
         strategy_registry.register(cls.strategy_name, cls, description="Ciuic config under DDP")
@@ -471,12 +478,13 @@ class CiuicFSDPStrategy(CiuicStrategyMixin, FSDPStrategy):
 
 
 def _not_shardable(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Modules holding non-floating-point parameters (quantized weights): FSDP flattens only
-    floating-point parameters of one dtype."""
+    """Modules holding non-floating-point parameters (quantized weights) or the data-less
+    placeholders of quantized experts: FSDP flattens only floating-point parameters of one
+    dtype that own their storage."""
     found = []
     for module in model.modules():
         direct = list(module.parameters(recurse=False))
-        if any(not p.is_floating_point() for p in direct):
+        if isinstance(module, QuantizedExperts) or any(not p.is_floating_point() for p in direct):
             found.append(module)
     return found
 

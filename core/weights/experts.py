@@ -341,3 +341,42 @@ def fake_routing(model: nn.Module) -> Iterator[None]:
 
 def _is_dense_experts(module: nn.Module) -> bool:
     return fused_experts_layout_problem(module) is None
+
+
+DDP_IGNORE_ATTR = "_ddp_params_and_buffers_to_ignore"
+"""The attribute ``torch.nn.parallel.DistributedDataParallel`` reads on the module it wraps:
+names of parameters and buffers it neither broadcasts nor reduces."""
+
+
+def placeholder_names(module: nn.Module) -> list[str]:
+    """The names, relative to ``module``, of the data-less expert parameters that
+    :class:`QuantizedExperts` shows PEFT (one element of storage expanded to the dense shape).
+
+    Wrappers that write into or flatten every parameter must leave them out: DDP's broadcast of
+    the module states refuses 0-stride tensors, FSDP cannot flatten them.
+    """
+    names = []
+    for prefix, sub in module.named_modules():
+        if isinstance(sub, QuantizedExperts):
+            names += [f"{prefix}.{name}" if prefix else name for name in EXPERT_PARAMS]
+    return names
+
+
+def ignore_placeholders_in_ddp(module: nn.Module) -> list[str]:
+    """Add :func:`placeholder_names` of ``module`` to the names DDP leaves alone when it wraps
+    ``module``; returns the names added (for :func:`unignore_in_ddp`)."""
+    present = list(getattr(module, DDP_IGNORE_ATTR, ()))
+    added = [name for name in placeholder_names(module) if name not in present]
+    if added:
+        setattr(module, DDP_IGNORE_ATTR, present + added)
+    return added
+
+
+def unignore_in_ddp(module: nn.Module, names: Sequence[str]) -> None:
+    """Undo :func:`ignore_placeholders_in_ddp` (names another party added are kept)."""
+    present = list(getattr(module, DDP_IGNORE_ATTR, ()))
+    kept = [name for name in present if name not in set(names)]
+    if kept:
+        setattr(module, DDP_IGNORE_ATTR, kept)
+    elif DDP_IGNORE_ATTR in module.__dict__:
+        delattr(module, DDP_IGNORE_ATTR)

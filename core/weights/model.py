@@ -45,7 +45,13 @@ from ciuic.errors import ApplyError
 from ciuic.registry import Applied
 
 from .expert_slot import install_swap_hook, is_peft_param_wrapper, remove_swap_hook
-from .experts import EXPERT_PARAMS, QuantizedExperts, fused_experts_layout_problem
+from .experts import (
+    EXPERT_PARAMS,
+    QuantizedExperts,
+    fused_experts_layout_problem,
+    ignore_placeholders_in_ddp,
+    unignore_in_ddp,
+)
 from .functional import storage_bytes
 from .linear import (
     dequantize_linear,
@@ -123,15 +129,17 @@ class _Undo:
     flags: list[tuple[nn.Module, dict[str, Any]]]
     frozen: list[tuple[nn.Module, str]]  # (owning module, name): PEFT may rename it since
     ties: list[tuple[nn.Module, nn.Module]]  # (original head, original embedding)
+    ddp_ignored: list[str] = field(default_factory=list)  # expert placeholders hidden from DDP
 
     def __call__(self) -> None:
+        unignore_in_ddp(self.model, self.ddp_ignored)
         for conversion in reversed(self.conversions):
             conversion.undo(self.model)
         for head, embedding in self.ties:
             head.weight = embedding.weight  # the tie that two separate dequantizations broke
         _restore_flags(self.flags)
         _unfreeze(self.frozen)
-        self.conversions, self.flags, self.frozen, self.ties = [], [], [], []
+        self.conversions, self.flags, self.frozen, self.ties, self.ddp_ignored = [], [], [], [], []
 
 
 @dataclass
@@ -203,7 +211,7 @@ def quantize_(model: nn.Module, options: WeightOptions) -> Applied:
         "weights",
         changed=[c.name for c in conversions],
         skipped=[(_summarize(names), reason) for reason, names in plan.skipped.items()],
-        undo=_Undo(model, conversions, flags, frozen, ties),
+        undo=_Undo(model, conversions, flags, frozen, ties, ignore_placeholders_in_ddp(model)),
         details=_details(options, plan, conversions, frozen if full_fine_tuning else []),
     )
 

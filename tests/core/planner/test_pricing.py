@@ -61,6 +61,9 @@ def _price(model: str, config: Any, *, fake: bool) -> ciuic.planner.Pricing:
     return price(builder, config, seq_len=SEQ, batch=BATCH, lora=wrap, device="cpu", fake=fake)
 
 
+ROUTED = {"deepseek_v3"}
+"""Models whose MoE routing depends on values fake tensors do not have."""
+
 FAST = {("qwen2", "balanced"), ("deepseek_v3", "max")}
 """Pairs run by default; the rest of the matrix (about 10 s a pair on an idle 2-core CPU) is slow."""
 
@@ -78,9 +81,19 @@ def test_fake_pricing_equals_the_measured_peak(model: str, config: str) -> None:
     predicted = _price(model, CONFIGS[config], fake=True)
     measured = _price(model, CONFIGS[config], fake=False)
     assert predicted.fake and not measured.fake
-    assert predicted.peak_bytes == measured.peak_bytes  # exact: the acceptance asks within 5%
-    assert predicted.breakdown == measured.breakdown
     assert predicted.reading.peak_offloaded_bytes == measured.reading.peak_offloaded_bytes
+    if model in ROUTED:
+        # Fake tensors carry no values, so the router's picks are assumed balanced (every
+        # expert gets ceil(tokens * k / experts) rows, ciuic.weights.experts.fake_routing):
+        # the model and its states are exact, what one expert's rows save or hold follows the
+        # assumed routing. Measured: peak 0.4% over on "max", exact or closer on the rest
+        # (activations of "weights_int8" 2% over); the acceptance asks 5%.
+        static = ("parameters", "gradients", "optimizer", "offloaded")
+        assert {k: predicted.breakdown[k] for k in static} == {k: measured.breakdown[k] for k in static}
+        assert predicted.peak_bytes == pytest.approx(measured.peak_bytes, rel=0.01)
+    else:
+        assert predicted.peak_bytes == measured.peak_bytes  # exact: the acceptance asks within 5%
+        assert predicted.breakdown == measured.breakdown
 
 
 def test_offload_and_quantization_show_in_the_priced_breakdown() -> None:

@@ -326,3 +326,26 @@ def test_adapters_train_within_3_percent_of_bf16_lora_and_load_into_plain_peft()
     assert abs(final - dense_final) <= 0.03 * dense_final, (final, dense_final)
     adapter_error, nf4_error = round_trip_errors(model)
     assert adapter_error <= 1.5 * nf4_error, (adapter_error, nf4_error)
+
+
+def test_ddp_wraps_the_quantized_experts_without_touching_their_placeholders(tmp_path) -> None:
+    """DDP broadcasts every parameter it is not told to ignore, and refuses 0-stride ones."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from ciuic.weights.experts import DDP_IGNORE_ATTR, placeholder_names
+
+    model, _ = _order_a()
+    names = placeholder_names(model)
+    assert len(names) == 4 and getattr(model, DDP_IGNORE_ATTR) == names
+    assert all(model.get_parameter(name).stride() == (0, 0, 0) for name in names)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        wrapped = DistributedDataParallel(model)
+        assert wrapped.parameters_to_ignore == set(names)
+        ids = torch.randint(0, 64, (1, 8))
+        wrapped(input_ids=ids, labels=ids).loss.backward()
+    finally:
+        dist.destroy_process_group()
+    ciuic.remove_(model)
+    assert not hasattr(model, DDP_IGNORE_ATTR)

@@ -160,10 +160,20 @@ def test_tied_head_alone_is_skipped_with_the_reason_and_contradictions_raise() -
 def test_converting_again_leaves_the_stored_tables_as_they_are() -> None:
     model = frozen_qwen2()
     first = quantize_(model, WeightOptions(format="none", head="nf4", embeddings="nf4"))
-    with pytest.raises(
-        ApplyError, match=r"model.embed_tokens, lm_head: already stored by bitsandbytes/ciuic"
-    ):
-        convert_weights(model, WeightOptions(format="none", head="int8", embeddings="int8"))
+    stored = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    again = convert_weights(model, WeightOptions(format="none", head="int8", embeddings="int8"))
+    assert again.details["already"] and again.changed == []
+    assert again.skipped == [
+        (
+            "model",
+            "already quantized (2 modules stored by bitsandbytes/ciuic, e.g. 'model.embed_tokens'): "
+            "left as they are; remove_ leaves them quantized",
+        )
+    ]
+    assert model.lm_head.codec.format == "nf4"
+    assert all(torch.equal(stored[name], tensor) for name, tensor in model.state_dict().items())
+    again.undo()  # nothing to undo: the first conversion keeps its own
+    assert model.lm_head.codec.format == "nf4"
     first.undo()
     assert type(model.lm_head) is nn.Linear and type(model.model.embed_tokens) is nn.Embedding
 
