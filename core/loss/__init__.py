@@ -37,6 +37,7 @@ from ciuic.registry import Applied, Technique, register_technique
 from .functional import (
     DEFAULT_CHUNK_BYTES,
     REDUCTIONS,
+    FrozenRows,
     chunk_rows,
     linear_cross_entropy,
     reference_linear_cross_entropy,
@@ -46,6 +47,7 @@ from .hf import apply_chunked_loss as install_chunked_loss
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "REDUCTIONS",
+    "FrozenRows",
     "LossOptions",
     "apply_chunked_loss",
     "chunk_rows",

@@ -16,6 +16,8 @@ transformers' ``ForCausalLMLoss`` computes it), kept for tests and benchmarks.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -28,6 +30,66 @@ from ciuic.memory import tag_allocations
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 """Default byte target of one chunk's logit-sized buffers (fp32 logits plus their low-precision
 copy): 256 MiB, i.e. about 290 tokens per chunk for a 152k vocabulary in bf16."""
+
+ROW_BLOCK_BYTES = 64 * 2**20
+"""Byte target of one dense block of a :class:`FrozenRows` weight."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenRows:
+    """A frozen ``(vocab_size, hidden_size)`` ``lm_head`` weight read a block of rows at a time.
+
+    :func:`linear_cross_entropy` takes it in place of the weight tensor: each chunk's logits and
+    hidden-state gradient are computed block by block over the vocabulary, so only one dense
+    block exists at a time. A quantized head (:class:`ciuic.weights.tables.QuantizedHead`)
+    gives one: at 152,064 x 3,584 its dense bf16 copy (1.02 GiB) is never built. The price is
+    reading (dequantizing) every block twice per chunk. The weight gets no gradient.
+
+    Args:
+        read: ``read(start, stop)`` -> the dense rows ``start:stop``.
+        shape: ``(vocab_size, hidden_size)``.
+        dtype: The dtype the rows are used in (``read``'s result is cast to it).
+        device: Where ``read`` puts the rows.
+        block: Rows per block; 0 picks about :data:`ROW_BLOCK_BYTES` a block.
+
+    Example:
+        >>> import torch
+        >>> w = torch.randn(100, 16)
+        >>> frozen = FrozenRows(lambda a, b: w[a:b], w.shape, w.dtype, w.device, block=32)
+        >>> h, y = torch.randn(5, 16), torch.randint(0, 100, (5,))
+        >>> torch.allclose(linear_cross_entropy(h, frozen, y), linear_cross_entropy(h, w, y))
+        True
+    """
+
+    read: Callable[[int, int], torch.Tensor]
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+    block: int = 0
+
+    ndim = 2
+    requires_grad = False
+
+    def to(self, dtype: torch.dtype) -> FrozenRows:
+        """The same rows used in ``dtype``."""
+        return dataclasses.replace(self, dtype=dtype)
+
+    def blocks(self) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """``(start, stop, dense rows)`` over the vocabulary, one block alive at a time."""
+        vocab, hidden = self.shape
+        rows = self.block or max(1, ROW_BLOCK_BYTES // (hidden * self.dtype.itemsize))
+        for start in range(0, vocab, rows):
+            stop = min(vocab, start + rows)
+            yield start, stop, self.read(start, stop).to(self.dtype)
+
+    def dense(self) -> torch.Tensor:
+        """The whole dense weight (for the few callers that need it, e.g. evaluation logits)."""
+        return self.read(0, self.shape[0]).to(self.dtype)
+
+
+Weight = torch.Tensor | FrozenRows
+"""An ``lm_head`` weight :func:`linear_cross_entropy` takes."""
+
 
 REDUCTIONS = ("mean", "sum")
 """Allowed ``reduction`` values (``"none"`` would need the per-token losses, not a scalar)."""
@@ -76,7 +138,7 @@ def chunk_rows(
 
 def _check_inputs(
     hidden: torch.Tensor,
-    weight: torch.Tensor,
+    weight: Weight,
     target: torch.Tensor,
     bias: torch.Tensor | None,
     reduction: str,
@@ -89,7 +151,8 @@ def _check_inputs(
         raise ValueError(
             f"hidden={_describe(hidden)} must be a floating-point tensor of shape (..., hidden_size)."
         )
-    if not isinstance(weight, torch.Tensor) or weight.ndim != 2 or weight.shape[1] != hidden.shape[-1]:
+    known = isinstance(weight, (torch.Tensor, FrozenRows))
+    if not known or weight.ndim != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(
             f"weight={_describe(weight)} must be the lm_head weight of shape "
             f"(vocab_size, {hidden.shape[-1]}) for hidden={_describe(hidden)}."
@@ -119,7 +182,7 @@ def _check_inputs(
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if value is not None and not (number and value > 0):
             raise ConfigError(f"{name}={value!r} is not allowed: give a number > 0 or None.")
-    tensors = [t for t in (weight, target, bias) if t is not None]
+    tensors: list[Any] = [t for t in (weight, target, bias) if t is not None]
     if any(t.device != hidden.device for t in tensors):
         raise ValueError(
             f"hidden, weight, target and bias must be on one device, got "
@@ -160,7 +223,7 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
 
 def linear_cross_entropy(
     hidden: torch.Tensor,
-    weight: torch.Tensor,
+    weight: Weight,
     target: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
@@ -182,7 +245,8 @@ def linear_cross_entropy(
 
     Args:
         hidden: Final hidden states, shape ``(..., hidden_size)``.
-        weight: ``lm_head`` weight, shape ``(vocab_size, hidden_size)``, same dtype as ``hidden``.
+        weight: ``lm_head`` weight, shape ``(vocab_size, hidden_size)``, same dtype as ``hidden``;
+            or a :class:`FrozenRows` (a frozen weight read in row blocks, never whole).
         target: Class indices, shape ``hidden.shape[:-1]``; ``ignore_index`` marks tokens
             without a loss.
         bias: Optional ``lm_head`` bias, shape ``(vocab_size,)``.
@@ -261,7 +325,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def forward(
         ctx: Any,
         hidden: torch.Tensor,
-        weight: torch.Tensor,
+        weight: Weight,
         bias: torch.Tensor | None,
         target: torch.Tensor,
         ignore_index: int,
@@ -273,7 +337,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         with tag_allocations("activations"):
             grad_h = torch.empty_like(hidden) if need_h else None
-            grad_w = torch.zeros_like(weight) if need_w else None
+            grad_w = torch.zeros_like(weight) if need_w and isinstance(weight, torch.Tensor) else None
             # The bias gradient sums every token's row: fp32, it is only vocab_size floats.
             grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b and bias is not None else None
         if isinstance(divisor, torch.Tensor):
@@ -289,7 +353,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if g is None:
                 continue
             if grad_h is not None:
-                torch.mm(g, weight, out=grad_h[start : start + rows])
+                _grad_hidden(g, weight, grad_h[start : start + rows])
             if grad_w is not None:
                 # Accumulated in the weight's dtype, as Liger-Kernel does: an fp32 accumulator
                 # would cost twice the weight (2 GiB at 152k x 3584). In bf16 this rounds once
@@ -317,9 +381,31 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None)
 
 
+def _matmul_logits(h: torch.Tensor, weight: Weight, bias: torch.Tensor | None) -> torch.Tensor:
+    if isinstance(weight, torch.Tensor):
+        return torch.addmm(bias, h, weight.t()) if bias is not None else torch.mm(h, weight.t())
+    raw = h.new_empty((h.shape[0], weight.shape[0]))
+    for start, stop, block in weight.blocks():
+        raw[:, start:stop] = torch.mm(h, block.t())
+        del block
+    return raw if bias is None else raw.add_(bias)
+
+
+def _grad_hidden(g: torch.Tensor, weight: Weight, out: torch.Tensor) -> None:
+    """``out = g @ weight``; over blocks the partial products are summed in fp32."""
+    if isinstance(weight, torch.Tensor):
+        torch.mm(g, weight, out=out)
+        return
+    total = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+    for start, stop, block in weight.blocks():
+        total += torch.mm(g[:, start:stop], block)
+        del block
+    out.copy_(total)
+
+
 def _chunk(
     h: torch.Tensor,
-    weight: torch.Tensor,
+    weight: Weight,
     bias: torch.Tensor | None,
     target: torch.Tensor,
     ignore_index: int,
@@ -334,7 +420,7 @@ def _chunk(
     Every step after the matmul is in place on one fp32 buffer, so a chunk costs that buffer,
     the matmul output in the model dtype (freed by the upcast) and the gradient's cast back to it.
     """
-    raw = torch.addmm(bias, h, weight.t()) if bias is not None else torch.mm(h, weight.t())
+    raw = _matmul_logits(h, weight, bias)
     logits = raw.float()  # the same tensor when the model runs in fp32
     del raw
     if logit_scale is not None:

@@ -25,7 +25,10 @@ The head's weight is ``lm_head.weight`` for an ``nn.Linear`` (or the active copy
 ``modules_to_save`` wrapper). A head stored in another form (quantized, frozen) is supported
 when it implements the dense-weight protocol: a method ``ciuic_dense_weight() -> (weight, bias)``
 returning its weight as a dense ``(vocab_size, hidden_size)`` tensor and its bias (or None),
-transient and frozen (the chunked loss sends no gradient to them).
+transient and frozen (the chunked loss sends no gradient to them). If it also implements
+``ciuic_dense_rows(start, stop) -> rows`` (with ``out_features``/``in_features``), the training
+loss reads it a block of rows at a time instead (:class:`~ciuic.loss.functional.FrozenRows`),
+and the whole dense weight is never built.
 """
 
 from __future__ import annotations
@@ -45,13 +48,16 @@ from torch import nn
 from ciuic.errors import ApplyError
 from ciuic.registry import Applied
 
-from .functional import DEFAULT_CHUNK_BYTES, chunk_rows, linear_cross_entropy
+from .functional import DEFAULT_CHUNK_BYTES, FrozenRows, Weight, chunk_rows, linear_cross_entropy
 
 _PATCH = "_ciuic_chunked_loss"
 """Instance attribute holding a patched model's :class:`_ChunkedForward`."""
 
 DENSE_WEIGHT = "ciuic_dense_weight"
 """Name of the dense-weight protocol method a non-``nn.Linear`` ``lm_head`` may implement."""
+
+DENSE_ROWS = "ciuic_dense_rows"
+"""Name of the optional row-block method of that protocol."""
 
 
 @dataclass(frozen=True)
@@ -233,6 +239,22 @@ def _head_weights(source: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
     return weight.detach(), None if bias is None else bias.detach()
 
 
+def _loss_weights(source: nn.Module) -> tuple[Weight, torch.Tensor | None]:
+    """What the training loss reads the head through: its weight, or its row blocks when the
+    head implements ``ciuic_dense_rows`` (no dense copy)."""
+    read = getattr(source, DENSE_ROWS, None)
+    if not callable(read):
+        return _head_weights(source)
+    stored = next(iter(source.buffers()), None)
+    if stored is None:
+        raise TypeError(f"{type(source).__name__} implements {DENSE_ROWS} but holds no buffer.")
+    head: Any = source  # out_features/in_features: part of the protocol, not typed on nn.Module
+    shape = torch.Size((int(head.out_features), int(head.in_features)))
+    dtype = getattr(source, "dtype", torch.float32)
+    bias = getattr(source, "bias", None)
+    return FrozenRows(read, shape, dtype, stored.device), None if bias is None else bias.detach()
+
+
 def _chunk_tokens(module: nn.Module, chunk_bytes: int) -> int | None:
     """Tokens per chunk for the report: from the weight's shape and dtype."""
     source = _head_source(_lm_head(module))
@@ -377,7 +399,7 @@ def _loss_forward(
     config = getattr(module, "config", None)
     return_dict = call.get("return_dict")
     as_tuple = return_dict is False or (return_dict is None and getattr(config, "return_dict", True) is False)
-    weight, bias = _head_weights(source)
+    weight, bias = _loss_weights(source)
     # An empty logits_to_keep: lm_head runs on zero positions, the rest of forward as usual.
     nothing = torch.empty(0, dtype=torch.long, device=weight.device)
     call = {**call, "labels": None, "logits_to_keep": nothing}
@@ -416,7 +438,10 @@ def _loss_forward(
     aux = output.get("aux_loss")
     if aux is not None and hasattr(module, "router_aux_loss_coef"):
         loss = loss + module.router_aux_loss_coef * aux.to(loss.device)  # as MoE causal LMs do with labels
-    logits = _detached_logits(patch, hidden, weight, bias) if patch.training_logits else None
+    logits = None
+    if patch.training_logits:
+        dense = weight.dense() if isinstance(weight, FrozenRows) else weight
+        logits = _detached_logits(patch, hidden, dense, bias)
     fields = {key: value for key, value in output.items() if key not in ("loss", "logits")}
     result = type(output)(loss=loss, logits=logits, **fields)
     return result.to_tuple() if as_tuple else result

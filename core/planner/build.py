@@ -15,6 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ciuic.errors import ConfigError
+
+from .attention import use_fused_attention_
+
 ModelSource = Callable[[], nn.Module] | Any
 """A function returning the model, or a Hugging Face ``PretrainedConfig`` of a causal LM."""
 
@@ -36,9 +40,15 @@ projections of Llama/Qwen2 and of DeepSeek-V2/V3 (MLA); never router gates or th
 
 
 def build_model(
-    source: ModelSource, *, lora: int | Callable[[nn.Module], nn.Module] | None, meta: bool
+    source: ModelSource,
+    *,
+    lora: int | Callable[[nn.Module], nn.Module] | None,
+    meta: bool,
+    attention: str = "as_run",
 ) -> nn.Module:
-    """The model to price: built from ``source``, LoRA-wrapped, on ``meta`` when ``meta``.
+    """The model to price: built from ``source``, LoRA-wrapped, on ``meta`` when ``meta``;
+    ``attention="fused"`` switches a transformers model to :data:`ciuic.planner.attention.FUSED`
+    (see :func:`ciuic.planner.price`).
 
     Example:
         >>> from transformers import Qwen2Config
@@ -53,6 +63,11 @@ def build_model(
             model = builder()
     else:
         model = builder()
+    if attention == "fused" and not use_fused_attention_(model):
+        raise ConfigError(
+            f"attention='fused' needs a transformers model (set_attn_implementation); got "
+            f"{type(model).__name__}. Allowed for other models: attention='as_run'."
+        )
     return _with_lora(model, lora)
 
 
@@ -77,6 +92,7 @@ def fake_model(
     *,
     lora: int | Callable[[nn.Module], nn.Module] | None = None,
     device: str | torch.device = "cpu",
+    attention: str = "as_run",
 ) -> nn.Module:
     """The model of ``source`` on fake tensors of the active ``FakeTensorMode``, LoRA-wrapped.
 
@@ -100,7 +116,7 @@ def fake_model(
     if detect_fake_mode() is None:
         raise RuntimeError("fake_model needs an active FakeTensorMode: call it inside one.")
     with unset_fake_temporarily():
-        model = build_model(source, lora=lora, meta=True)
+        model = build_model(source, lora=lora, meta=True, attention=attention)
     return materialize_(model, torch.device(device))
 
 

@@ -73,6 +73,7 @@ def price(
     fake: bool = True,
     lr: float = 1e-4,
     extrapolate: bool = True,
+    attention: str = "as_run",
 ) -> Pricing:
     """The peak memory of ``steps`` training steps of a model under ``config``.
 
@@ -101,6 +102,10 @@ def price(
             their figures are affine in the layer count (else run the full model): the same
             bytes, several times faster. Not used with ``checkpointing`` other than
             ``'none'``/``'full'``, whose choice depends on the depth.
+        attention: ``'as_run'``: attention as torch dispatches it on ``device`` (on fake CPU
+            tensors its math kernel, which holds a ``heads x T x T`` score matrix);
+            ``'fused'``: as a GPU runs it, torch's memory-efficient kernel
+            (:mod:`ciuic.planner.attention`; fake tensors and transformers models only).
 
     Returns:
         A :class:`Pricing`.
@@ -116,6 +121,7 @@ def price(
     cfg = as_config(config)
     device = torch.device(device)
     _check_device(device, fake)
+    _check_attention(attention, fake)
     started = time.perf_counter()
     run = functools.partial(
         _price_once,
@@ -127,6 +133,7 @@ def price(
         steps=steps,
         fake=fake,
         lr=lr,
+        attention=attention,
     )
     layers = extrapolation_layers(model_or_builder, cfg) if fake and extrapolate else None
     reading = run(model_or_builder) if layers is None else _extrapolated(run, model_or_builder, layers)
@@ -144,10 +151,11 @@ def _price_once(
     steps: int,
     fake: bool,
     lr: float,
+    attention: str,
 ) -> MemoryReading:
     with _tensor_mode(fake):
         if fake:
-            model = fake_model(model_or_builder, lora=lora, device=device)
+            model = fake_model(model_or_builder, lora=lora, device=device, attention=attention)
         else:
             model = build_model(model_or_builder, lora=lora, meta=False).to(device)
         reading = _run_steps(model, config, seq_len=seq_len, batch=batch, device=device, steps=steps, lr=lr)
@@ -193,6 +201,16 @@ def _check_device(device: torch.device, fake: bool) -> None:
             f"a training step in it (indexing, host-to-device copies, CUDA generators and streams need the "
             f"CUDA runtime). Price on device='cpu' (fake CPU tensors: the same bytes except where a kernel "
             f"differs by device, see ciuic.planner)."
+        )
+
+
+def _check_attention(attention: str, fake: bool) -> None:
+    if attention not in ("as_run", "fused"):
+        raise ConfigError(f"attention={attention!r} is not allowed. Allowed: 'as_run', 'fused'.")
+    if attention == "fused" and not fake:
+        raise ConfigError(
+            "attention='fused' prices torch's memory-efficient attention kernel, which has no CPU "
+            "kernel: use it with fake=True (or attention='as_run' on real tensors)."
         )
 
 

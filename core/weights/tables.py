@@ -91,6 +91,11 @@ class _QuantizedTable(nn.Module):
         out = self.codec.decode(data, absmax, torch.Size([flat.numel(), self.shape[1]]), self.dtype)
         return out.reshape(*index.shape, self.shape[1])
 
+    def dense_rows(self, start: int, stop: int) -> torch.Tensor:
+        """The dequantized rows ``start:stop`` (a range: no index tensor, no gather)."""
+        data, absmax = self.weight_data[start:stop].reshape(-1), self.weight_absmax[start:stop].reshape(-1)
+        return self.codec.decode(data, absmax, torch.Size([stop - start, self.shape[1]]), self.dtype)
+
     def dense_weight(self) -> torch.Tensor:
         """The whole dequantized ``(rows, cols)`` weight, in the dtype it was stored from."""
         data, absmax = self.weight_data.reshape(-1), self.weight_absmax.reshape(-1)
@@ -173,6 +178,11 @@ class QuantizedHead(_QuantizedTable):
         """``(dense weight, bias)``: a transient dense weight for a loss that computes the
         logits itself, chunk by chunk (drop it after use)."""
         return self.dense_weight(), self.bias
+
+    def ciuic_dense_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of the dense weight: the chunked loss reads the head a block of
+        rows at a time through this, so the whole dense weight is never built."""
+        return self.dense_rows(start, stop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``F.linear(x, W, bias)`` with ``W`` dequantized for this matmul only."""

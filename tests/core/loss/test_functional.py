@@ -214,3 +214,48 @@ def test_chunk_rows_targets_the_byte_budget() -> None:
     assert chunk_rows(152064, 3584, torch.float32) % 8 == 0
     assert chunk_rows(152064, 3584, torch.bfloat16, chunk_bytes=1) == 1
     assert chunk_rows(152064, 3584, torch.bfloat16, softcap=True) < rows
+
+
+def _frozen(weight: torch.Tensor, block: int) -> Any:
+    from ciuic.loss import FrozenRows
+
+    reads: list[tuple[int, int]] = []
+
+    def read(start: int, stop: int) -> torch.Tensor:
+        reads.append((start, stop))
+        return weight.detach()[start:stop].clone()  # a new tensor per block, as a dequantization gives
+
+    return FrozenRows(read, weight.shape, weight.dtype, weight.device, block=block), reads
+
+
+@pytest.mark.parametrize("options", OPTIONS.values(), ids=list(OPTIONS))
+def test_a_frozen_weight_read_in_row_blocks_gives_the_dense_results(options: dict[str, Any]) -> None:
+    inputs = _inputs(bias=True)
+    if "ignore_index" in options:
+        target = inputs["target"]
+        inputs["target"] = torch.where(target == -100, options["ignore_index"], target)
+    inputs["weight"].requires_grad_(False)
+    frozen, reads = _frozen(inputs["weight"], block=7)  # 7 does not divide the vocabulary
+    loss, grads = _loss_and_grads(linear_cross_entropy, inputs, chunk_bytes=4096, **options)
+    blocked, blocked_grads = _loss_and_grads(
+        linear_cross_entropy, {**inputs, "weight": frozen}, chunk_bytes=4096, **options
+    )
+    assert _rel(blocked, loss) <= 1e-6
+    for got, want in zip(blocked_grads, grads, strict=True):  # hidden and bias
+        assert _rel(got, want) <= 1e-6
+    rows = chunk_rows(VOCAB, HIDDEN, torch.float32, chunk_bytes=4096, softcap="softcap" in options)
+    chunks = -(-3 * 11 // rows)
+    blocks = [(start, min(VOCAB, start + 7)) for start in range(0, VOCAB, 7)]
+    assert reads == blocks * (2 * chunks)  # each chunk: its logits, then its hidden-state gradient
+
+
+def test_a_frozen_weight_in_row_blocks_stays_within_bf16_tolerance() -> None:
+    inputs = _inputs(torch.bfloat16)
+    inputs["weight"].requires_grad_(False)
+    exact = _inputs(torch.float64)
+    exact["weight"].requires_grad_(False)
+    frozen, _ = _frozen(inputs["weight"], block=16)
+    loss, (grad,) = _loss_and_grads(linear_cross_entropy, {**inputs, "weight": frozen}, chunk_bytes=4096)
+    ref_loss, (ref_grad,) = _loss_and_grads(reference_linear_cross_entropy, exact)
+    dense_loss, (dense_grad,) = _loss_and_grads(linear_cross_entropy, inputs, chunk_bytes=4096)
+    assert _rel(loss, ref_loss) <= 1e-2 and _rel(grad, ref_grad) <= _rel(dense_grad, ref_grad) * 1.5 + 1e-3

@@ -291,3 +291,30 @@ def test_applying_twice_is_refused_whichever_door() -> None:
 def test_bad_chunk_bytes(chunk_bytes: Any) -> None:
     with pytest.raises(ConfigError, match=f"chunk_bytes={chunk_bytes!r} is not allowed"):
         apply_chunked_loss(qwen2(), chunk_bytes=chunk_bytes)
+
+
+def test_a_quantized_head_is_read_in_row_blocks_by_the_training_loss(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An int8 ``lm_head`` under the chunked loss: dequantized 10 rows at a time, never whole."""
+    from ciuic.loss import functional
+    from ciuic.weights.tables import QuantizedHead
+
+    monkeypatch.setattr(functional, "ROW_BLOCK_BYTES", 10 * 64 * 4)  # 10 fp32 rows of 64
+    config = ciuic.CiuicConfig(weights={"format": "none", "head": "int8"}, loss="chunked")
+    blocked, dense = qwen2(vocab_size=256), qwen2(vocab_size=256)
+    for model in (blocked, dense):
+        model.requires_grad_(False).model.norm.weight.requires_grad_(True)  # dL/dh reaches it
+        ciuic.apply_(model, config)
+    assert isinstance(blocked.lm_head, QuantizedHead)
+    reads: list[int] = []
+    read = blocked.lm_head.ciuic_dense_rows
+    blocked.lm_head.ciuic_dense_rows = lambda a, b: reads.append(b - a) or read(a, b)  # type: ignore[method-assign]
+    dense.lm_head.ciuic_dense_rows = None  # type: ignore[method-assign, assignment]  (the dense-weight path)
+    ids = _batch()
+    losses = []
+    for model in (blocked, dense):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.detach())
+    assert reads and max(reads) == 10 and sum(reads) % 256 == 0
+    assert _rel(losses[0], losses[1]) <= 1e-6
+    assert _rel(blocked.model.norm.weight.grad, dense.model.norm.weight.grad) <= 1e-5

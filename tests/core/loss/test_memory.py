@@ -51,3 +51,26 @@ def test_transient_peak_at_8k_tokens_and_152k_vocab(trainable_head: bool) -> Non
 def test_frozen_head_total_peak() -> None:
     """Under LoRA the lm_head is frozen: the loss's whole footprint is one chunk plus dL/dh."""
     assert measure(linear_cross_entropy, trainable_head=False).peak_bytes <= 0.3 * GiB
+
+
+def test_a_frozen_head_read_in_row_blocks_is_never_dense() -> None:
+    """A quantized head (int8 codes here) read through ``FrozenRows``: one dense block at a time."""
+    from ciuic.loss import FrozenRows
+    from ciuic.loss.functional import ROW_BLOCK_BYTES
+
+    with FakeTensorMode():
+        hidden = torch.empty(TOKENS, HIDDEN, dtype=torch.bfloat16, requires_grad=True)
+        codes = torch.empty(VOCAB, HIDDEN, dtype=torch.int8)
+        target = torch.empty(TOKENS, dtype=torch.long).random_(0, VOCAB)
+        head = FrozenRows(lambda a, b: codes[a:b].to(torch.bfloat16), codes.shape, torch.bfloat16, codes.device)
+        with MemoryMeter() as meter:
+            linear_cross_entropy(hidden, head, target).backward()
+    held = meter.peak_bytes - _gradient_bytes(False)  # less dL/dh (the codes predate the meter)
+    chunk = chunk_rows(VOCAB, HIDDEN, torch.bfloat16) * VOCAB * (4 + BF16)
+    block_rows = ROW_BLOCK_BYTES // (HIDDEN * BF16)
+    rows = chunk_rows(VOCAB, HIDDEN, torch.bfloat16)
+    # A chunk's logits, one dense block, that block's logits before they are copied in, and
+    # the fp32 sum of the hidden-state gradient: about 0.29 GiB, never the 1.02 GiB dense head.
+    extra = ROW_BLOCK_BYTES + rows * block_rows * BF16 + rows * HIDDEN * 4
+    assert chunk <= held <= chunk + extra + SMALL_VECTORS
+    assert held < VOCAB * HIDDEN * BF16 / 3

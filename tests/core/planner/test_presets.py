@@ -18,7 +18,7 @@ def priced(preset: str, tokens: int) -> tuple[Candidate, Candidate]:
     """(QLoRA recipe, preset) priced on the full-size shape."""
     configs = [qlora_recipe(), CiuicConfig.preset(preset)]
     result = ciuic.plan(
-        MODEL, seq_len=tokens, batch=1, budget="1TiB", lora=16, candidates=configs, full_size=False
+        MODEL, seq_len=tokens, batch=1, budget="1TiB", lora=16, candidates=configs
     )
     recipe, chosen = result.candidates
     return recipe, chosen
