@@ -3,7 +3,7 @@ and how long pricing it takes on this CPU.
 
 Run: ``python bench/pricing.py`` (``--preset max --seq 4096 --lora-rank 16``; ``--full`` also
 prices all 28 layers without depth extrapolation, several minutes on a 2-core CPU, and checks
-that both give the same figures). The model is built from a ``Qwen2Config`` of the 7B shape
+that both give the same figures). The model is built from the shipped ``deepseek-r1-distill-qwen-7b`` shape
 (hidden 3,584, 28 layers, intermediate 18,944, 28 heads, 4 KV heads, vocabulary 152,064,
 bf16) on ``meta``, then run on fake CPU tensors: nothing is allocated.
 """
@@ -13,27 +13,14 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-
 from ciuic.planner import price
+from ciuic.planner.shapes import load_shape
 from ciuic.units import format_bytes
 
 
 def qwen_7b() -> object:
-    """The DeepSeek-R1-Distill-Qwen-7B shape, bf16."""
-    from transformers import Qwen2Config
-
-    return Qwen2Config(
-        hidden_size=3584,
-        num_hidden_layers=28,
-        intermediate_size=18944,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        vocab_size=152064,
-        max_position_embeddings=32768,
-        tie_word_embeddings=False,
-        dtype=torch.bfloat16,
-    )
+    """The DeepSeek-R1-Distill-Qwen-7B shape, bf16 (the shipped one)."""
+    return load_shape("deepseek-r1-distill-qwen-7b")
 
 
 def main() -> None:
