@@ -2,9 +2,12 @@
 
 Fake CPU tensors run CPU kernels, and torch's CPU dispatch of ``scaled_dot_product_attention``
 takes its math kernel for fake inputs (and for MLA's unequal query/value head dims on real ones),
-which holds the ``heads x T x T`` score matrix and its softmax: 3.25 GiB of temporaries per
-DeepSeek-V2-Lite layer at 4,096 tokens, memory a GPU's flash or memory-efficient kernel never
-allocates. :data:`FUSED` is a transformers attention implementation that calls
+which holds the ``heads x T x T`` score matrix and its softmax, memory a GPU's flash or
+memory-efficient kernel never allocates: DeepSeek-V2-Lite QLoRA at 4,096 tokens prices at
+14.20 GiB with 3.26 GiB of temporaries that way, 11.92 GiB with 1.01 GiB through
+:data:`FUSED` (``python bench/moe_pricing.py [--attention as_run]``).
+
+:data:`FUSED` is a transformers attention implementation that calls
 ``aten._scaled_dot_product_efficient_attention`` directly: its fake kernel allocates what the
 CUDA kernel does (the output and a float32 log-sum-exp per query; backward the input gradients).
 It has no CPU kernel, so it is for fake tensors only.
