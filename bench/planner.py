@@ -5,8 +5,9 @@ Run: ``python bench/planner.py`` (a few minutes on a 2-core CPU). Prints, for
 DeepSeek-R1-Distill-Qwen-7B with LoRA rank 16, batch 1, at 1,024, 4,096 and 16,384 tokens, the
 priced peak (GiB) of the QLoRA recipe (``ciuic.planner.qlora_recipe()``: NF4 weights, every block
 checkpointed) and of the ``balanced`` and ``max`` presets (``ciuic.plan(..., candidates=...)``),
-and the wall time of each row. With CUDA it also runs a real step of a
-small Qwen2 model per config and prints the predicted peak next to
+and the wall time of each row, with the forward under bf16 autocast as a GPU QLoRA run has it
+(``ciuic.plan``'s default ``precision="mixed"``; ``--precision true`` for none). With CUDA it
+also runs a real step of a small Qwen2 model per config and prints the predicted peak next to
 ``torch.cuda.max_memory_allocated``.
 """
 
@@ -32,7 +33,7 @@ CONFIGS = {
 }
 
 
-def preset_rows(model: str, tokens: list[int]) -> dict[int, dict[str, float]]:
+def preset_rows(model: str, tokens: list[int], precision: str = "mixed") -> dict[int, dict[str, float]]:
     """Priced peak in GiB per token count and config."""
     rows: dict[int, dict[str, float]] = {}
     for n in tokens:
@@ -44,6 +45,7 @@ def preset_rows(model: str, tokens: list[int]) -> dict[int, dict[str, float]]:
             budget="1TiB",
             lora=16,
             candidates=configs,
+            precision=precision,
         )
         rows[n] = {
             name: (c.peak_bytes / GIB if not c.error else float("nan"))
@@ -86,11 +88,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="deepseek-r1-distill-qwen-7b")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--precision", choices=("mixed", "true"), default="mixed")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    print(f"## presets vs the QLoRA recipe: {args.model}, LoRA 16, batch 1, priced peak GiB")
+    print(
+        f"## presets vs the QLoRA recipe: {args.model}, LoRA 16, batch 1, precision {args.precision}, "
+        "priced peak GiB"
+    )
     print(f"{'tokens':>7}" + "".join(f"{name:>14}" for name in CONFIGS))
-    preset_rows(args.model, args.tokens)
+    preset_rows(args.model, args.tokens, args.precision)
     if torch.cuda.is_available():
         cuda_rows()
 

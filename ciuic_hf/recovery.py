@@ -34,7 +34,7 @@ class RecoveringTrainingStep:
         def step(micro: MicroBatch) -> torch.Tensor:
             if micro.count > 1 and num_items_in_batch is None:
                 raise ConfigError(_NO_NUM_ITEMS)
-            with self.handle.step_scope():
+            with self.handle.step_scope(micro.batch):
                 loss: torch.Tensor = self.training_step(model, micro.batch, num_items_in_batch)
                 return loss
 

@@ -63,7 +63,8 @@ class ScopedTrainingStep:
         self.handle = handle
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        with self.handle.step_scope():
+        inputs = args[1] if len(args) > 1 else kwargs.get("inputs")  # training_step(model, inputs, ...)
+        with self.handle.step_scope(inputs):
             return self.training_step(*args, **kwargs)
 
 

@@ -177,11 +177,12 @@ class CiuicStrategyMixin:
         handle = self.ciuic_handle
         if handle is None:
             return super().training_step(*args, **kwargs)  # type: ignore[misc]
+        batch = args[0] if args else kwargs.get("batch")
         if not self.lightning_module.automatic_optimization:  # type: ignore[attr-defined]
-            with handle.step_scope():
+            with handle.step_scope(batch):
                 return super().training_step(*args, **kwargs)  # type: ignore[misc]
         stack = contextlib.ExitStack()
-        stack.enter_context(handle.step_scope())
+        stack.enter_context(handle.step_scope(batch))
         try:
             output = super().training_step(*args, **kwargs)  # type: ignore[misc]
         except BaseException:

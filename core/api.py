@@ -60,6 +60,10 @@ class CiuicHandle:
             carry out, e.g. ``("weights", "no technique ... is installed")``.
         deferred: Requests served elsewhere (the optimizer's, by ``build_optimizer``).
         model: The model it was applied to.
+        requested: The config ``apply_`` was given: it differs from ``config`` when fields are
+            left to the planner (``"auto"``), until the first ``step_scope(inputs=batch)`` sets
+            them (:mod:`ciuic.planner.runtime`).
+        plan: That first step's :class:`ciuic.Plan` (``None`` before it, or with no ``"auto"``).
     """
 
     config: CiuicConfig
@@ -68,7 +72,14 @@ class CiuicHandle:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     deferred: list[tuple[str, str]] = field(default_factory=list)
     model: nn.Module | None = field(default=None, repr=False)
+    requested: CiuicConfig | None = field(default=None, repr=False)
+    plan: Any = field(default=None, repr=False)
     _hooks: list[Any] = field(default_factory=list, repr=False)
+
+    @property
+    def planning(self) -> bool:
+        """Whether fields left to ``"auto"`` still wait for the first step's plan."""
+        return self.requested is not None and bool(self.requested.planned()) and self.plan is None
 
     def report(self) -> str:
         """A readable summary: what each technique changed, what was skipped and why."""
@@ -90,8 +101,12 @@ class CiuicHandle:
         """The record of ``technique``, or ``None`` if it was not applied."""
         return next((r for r in self.applied if r.technique == technique), None)
 
-    def step_scope(self) -> contextlib.AbstractContextManager[Any]:
+    def step_scope(self, inputs: Any = None) -> contextlib.AbstractContextManager[Any]:
         """A context manager to wrap around one training step (forward and backward).
+
+        ``inputs``: the step's batch. With fields left to ``"auto"``, the first call plans them
+        for this batch's shape and sets them before the step (:mod:`ciuic.planner.runtime`);
+        otherwise it is not used.
 
         Inside it the techniques act whichever module the step calls: a ``LightningModule``
         whose ``training_step`` calls ``self.model(...)``, a loss computed outside the model.
@@ -108,10 +123,23 @@ class CiuicHandle:
             ...     model(torch.randn(8, 64)).sum().backward()
             >>> _ = ciuic.remove_(model)
         """
+        if self.planning:
+            self._plan_first_step(inputs)
         scopes = [record.scope for record in self.applied if record.scope is not None]
         if not scopes:
             return contextlib.nullcontext()
         return _entered(scopes)
+
+    def _plan_first_step(self, inputs: Any) -> None:
+        from .planner.runtime import plan_first_step
+
+        assert self.requested is not None
+        if inputs is None:
+            raise ConfigError(
+                f"{', '.join(self.requested.planned())}='auto' is planned for the first batch's shape: "
+                f"pass it, step_scope(inputs=batch) (the Lightning strategy and the HF callback do)."
+            )
+        self.plan = plan_first_step(self, self.requested, inputs)
 
     def update(self, config: CiuicConfig | str | Mapping[str, Any]) -> list[str]:
         """Change the running config in place: re-apply only the techniques that must change.
@@ -318,11 +346,12 @@ def apply_(model: nn.Module, config: CiuicConfig | str | Mapping[str, Any]) -> C
         >>> ciuic.remove_(model)
         CiuicConfig(...)
     """
-    config = _as_config(config)
+    requested = _as_config(config)
+    config = requested.without_auto()
     if not isinstance(model, nn.Module):
         raise ApplyError(f"model={type(model).__name__} is not a torch.nn.Module.")
     _refuse_applied(model)
-    handle = CiuicHandle(config=config, model_name=type(model).__name__, model=model)
+    handle = CiuicHandle(config=config, model_name=type(model).__name__, model=model, requested=requested)
     techniques = requested_techniques(config)
     try:
         for technique in techniques:
@@ -335,7 +364,21 @@ def apply_(model: nn.Module, config: CiuicConfig | str | Mapping[str, Any]) -> C
     for module in model.modules():
         module.__dict__[_INSIDE] = True
     handle._install_state_hooks(model)
+    if handle.planning:
+        handle._hooks.append(model.register_forward_pre_hook(_PlanFirst(handle)))
     return handle
+
+
+class _PlanFirst:
+    """Forward pre-hook while ``"auto"`` fields wait: a training forward before the plan is
+    refused (the fields would silently stay at their defaults)."""
+
+    def __init__(self, handle: CiuicHandle) -> None:
+        self.handle = handle
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        if self.handle.planning and module.training and torch.is_grad_enabled():
+            self.handle._plan_first_step(None)
 
 
 _INSIDE = "_ciuic_inside"
@@ -422,8 +465,8 @@ def _find_handle(model: nn.Module, depth: int = 0) -> CiuicHandle | None:
     return None
 
 
-def step_scope(model: nn.Module) -> contextlib.AbstractContextManager[Any]:
-    """``handle_of(model).step_scope()``, or a null context when ciuic is not applied.
+def step_scope(model: nn.Module, inputs: Any = None) -> contextlib.AbstractContextManager[Any]:
+    """``handle_of(model).step_scope(inputs)``, or a null context when ciuic is not applied.
 
     Example:
         >>> import torch, ciuic
@@ -432,7 +475,7 @@ def step_scope(model: nn.Module) -> contextlib.AbstractContextManager[Any]:
         ...     model(torch.randn(2, 4)).sum().backward()
     """
     handle = handle_of(model)
-    return contextlib.nullcontext() if handle is None else handle.step_scope()
+    return contextlib.nullcontext() if handle is None else handle.step_scope(inputs)
 
 
 def saved_config(state_dict: Mapping[str, Any], prefix: str = "") -> CiuicConfig | None:

@@ -90,6 +90,13 @@ def _add_plan(commands: argparse._SubParsersAction) -> None:
         "--lora-rank", type=int, default=16, help="LoRA rank; 0: full fine-tuning (default: 16)"
     )
     plan.add_argument("--budget", required=True, help="accelerator memory, e.g. 8GiB or 24GB")
+    plan.add_argument(
+        "--precision",
+        choices=("mixed", "true"),
+        default="mixed",
+        help="mixed: the forward under autocast in the model's 16-bit dtype (HF bf16=True, Lightning "
+        "bf16-mixed); true: no autocast (default: mixed)",
+    )
     plan.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
     plan.add_argument("--no-progress", action="store_true", help="hide the progress output")
 
@@ -159,6 +166,7 @@ def _run_plan(args: argparse.Namespace) -> None:
             batch=args.batch,
             budget=args.budget,
             lora=args.lora_rank or None,
+            precision=args.precision,
             progress=progress,
         )
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())

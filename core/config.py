@@ -69,6 +69,15 @@ class OffloadTarget:
     deferred: str | None = None
 
 
+AUTO = "auto"
+"""A field left to the planner: ``CiuicConfig(budget=..., weights="auto")`` (see :data:`PLANNED`)."""
+
+PLANNED: dict[str, str] = {}
+"""Fields that take :data:`AUTO`, each with what the planner does with it (filled by
+``ciuic.planner``): ``apply_`` applies the field's default, and the first step
+(``step_scope(inputs=batch)``) sets what ``ciuic.plan`` picks for the live model and that batch's
+shape within ``budget``."""
+
 FIELDS: dict[str, FieldSpec] = {}
 """Every registered field by name (filled by the technique packages when ``ciuic`` is imported)."""
 
@@ -159,7 +168,9 @@ register_field(
     FieldSpec(
         name="budget",
         doc="Accelerator memory the run may use, in bytes or as a string like '24GiB' (None: the "
-        "whole device). Stored as an int number of bytes.",
+        "whole device). Stored as an int number of bytes. With a budget, weights, activations and "
+        "loss also take 'auto': ciuic.plan picks them at the first step for the live model and "
+        "that batch's shape.",
         allowed="None, an int >= 1, or a string like '24GiB'",
         default=None,
         normalize=_budget,
@@ -200,6 +211,12 @@ class CiuicConfig:
         if unknown:
             raise ConfigError(f"config field {unknown[0]!r} is unknown: known fields are {', '.join(specs)}.")
         normalized = {name: _normalize(spec, values.get(name, spec.default)) for name, spec in specs.items()}
+        auto = [name for name, value in normalized.items() if _is_auto(name, value)]
+        if auto and normalized.get("budget") is None:
+            raise ConfigError(
+                f"{auto[0]}='auto' is not allowed without a budget: the planner picks it to fit "
+                f"budget. Allowed: set budget (e.g. budget='24GiB'), or give {auto[0]} a value."
+            )
         object.__setattr__(self, "_values", normalized)
 
     def __getattr__(self, name: str) -> Any:
@@ -303,8 +320,18 @@ class CiuicConfig:
         """Plain, JSON-ready dict with a ``version`` key; ``from_dict`` inverts it."""
         data: dict[str, Any] = {"version": CONFIG_VERSION}
         for spec in fields():
-            data[spec.name] = spec.to_plain(self._values[spec.name])
+            value = self._values[spec.name]
+            data[spec.name] = AUTO if _is_auto(spec.name, value) else spec.to_plain(value)
         return data
+
+    def planned(self) -> tuple[str, ...]:
+        """The fields left to the planner (set to ``"auto"``)."""
+        return tuple(name for name, value in self._values.items() if _is_auto(name, value))
+
+    def without_auto(self) -> CiuicConfig:
+        """This config with each ``"auto"`` field at its default: what ``apply_`` applies
+        until the first step's plan."""
+        return self.replace(**{name: FIELDS[name].default for name in self.planned()})
 
     def to_file(self, path: str | Path) -> None:
         """Write JSON or YAML, chosen by the suffix of ``path``."""
@@ -335,7 +362,13 @@ class CiuicConfig:
         return [spec.name for spec in fields() if self._values[spec.name] != other._values[spec.name]]
 
 
+def _is_auto(name: str, value: object) -> bool:
+    return name in PLANNED and isinstance(value, str) and value == AUTO
+
+
 def _normalize(spec: FieldSpec, value: object) -> object:
+    if _is_auto(spec.name, value):
+        return AUTO
     try:
         return spec.normalize(spec.name, value)
     except Invalid as invalid:

@@ -44,6 +44,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from ciuic.errors import BudgetExceededError
+from ciuic.memory.fake import is_fake
 from ciuic.units import format_bytes
 
 DEVICE_CATEGORIES = ("parameters", "gradients", "optimizer", "activations", "temporary")
@@ -297,6 +298,7 @@ class MemoryMeter:
         self._cuda_max: int | None = None
         self._cuda_start = 0
         self._used = False
+        self._counts_fake = False
         for obj in track:
             _check_trackable(obj)
         self._pending_track = track
@@ -307,6 +309,9 @@ class MemoryMeter:
             raise RuntimeError("this MemoryMeter is already running: use a new one for each measurement.")
         if self._used:
             raise RuntimeError("this MemoryMeter has already been used: use a new one for each measurement.")
+        # A meter started outside FakeTensorMode measures real memory: a fake step run inside it
+        # (the planner pricing a config at a run's first step) holds none and is not counted.
+        self._counts_fake = _fake_mode_active()
         stack = contextlib.ExitStack()
         self._hooks = [
             nn_module.register_module_parameter_registration_hook(self._on_parameter),
@@ -429,7 +434,7 @@ class MemoryMeter:
     def _see(self, tensor: torch.Tensor) -> _Record | None:
         """Record the storage of a tensor an op returned (a no-op if already recorded)."""
         storage = _storage_of(tensor)
-        if storage is None:
+        if storage is None or (not self._counts_fake and is_fake(tensor)):
             return None
         key = id(storage)
         with self._lock:
@@ -538,7 +543,7 @@ class MemoryMeter:
 
     # -- hooks -----------------------------------------------------------------------------
     def _on_parameter(self, module: nn.Module | None, name: str, param: torch.Tensor | None) -> None:
-        if param is None:
+        if param is None or (not self._counts_fake and is_fake(param)):
             return
         self._tag(param, "parameters", add=True)
         self._tag(param.grad, "gradients", add=True)

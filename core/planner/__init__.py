@@ -7,6 +7,8 @@ budget less a margin (:mod:`ciuic.planner.margin`). :func:`escalations` is the o
 recovery follows.
 """
 
+from ciuic.config import PLANNED
+
 from .build import build_model, fake_model, materialize_
 from .escalate import escalations, micro_batch_counts
 from .margin import margin_bytes
@@ -15,6 +17,12 @@ from .pricing import Pricing, price
 from .recipes import qlora_recipe
 from .search import plan
 from .shapes import SHAPES, count_parameters, empty_model, load_shape
+
+PLANNED.update(
+    weights="the planner picks 'none', 'nf4' or NF4 with 8-bit head and embeddings",
+    activations="the planner picks 'none', 'int8' or 'int4'",
+    loss="the planner picks 'standard' or 'chunked'",
+)
 
 __all__ = [
     "SHAPES",

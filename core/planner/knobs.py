@@ -39,6 +39,13 @@ LEVELS = {
 }
 """How many values each knob takes."""
 
+FIELD_KNOBS: dict[str, tuple[str, ...]] = {
+    "weights": ("weights",),
+    "activations": ("codec",),
+    "loss": ("loss",),
+}
+"""The knobs of each config field a run can leave to the planner (``"auto"``)."""
+
 
 @dataclass(frozen=True)
 class Knobs:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ciuic.config import CiuicConfig
+from ciuic.errors import ConfigError
 from ciuic.memory.meter import DEVICE_CATEGORIES
 
 GIB = 2**30
@@ -68,6 +69,8 @@ class Plan:
         budget: The budget in bytes.
         margin: Bytes of the budget kept for what a fake step cannot see (``ciuic.planner.margin``).
         seq_len, batch, lora: The step priced.
+        precision: ``'mixed'`` (forward under 16-bit autocast) or ``'true'``
+            (:mod:`ciuic.planner.precision`).
         skipped: Grid points not priced: their weights alone exceed the budget, or they
             compress no more than a priced config that did not fit.
         stopped: Why the search stopped early (``""``: it did not).
@@ -80,6 +83,7 @@ class Plan:
     seq_len: int
     batch: int
     lora: int | None
+    precision: str = "mixed"
     skipped: int = 0
     stopped: str = ""
     seconds: float = 0.0
@@ -99,6 +103,11 @@ class Plan:
     def best(self) -> Candidate:
         """The chosen candidate, or (nothing fits) the one of lowest peak."""
         priced = [c for c in self.candidates if not c.error] or list(self.candidates)
+        if not priced:
+            raise ConfigError(
+                f"budget={self.budget:,} B: no config was priced, the frozen weights alone of each of the "
+                f"{self.skipped} candidates exceed the budget less the margin ({self.margin:,} B)."
+            )
         return self.chosen or min(priced, key=lambda c: c.peak_bytes)
 
     @property
@@ -128,6 +137,7 @@ class Plan:
             "seq_len": self.seq_len,
             "batch": self.batch,
             "lora": self.lora,
+            "precision": self.precision,
             "candidates": [c.to_dict() for c in self.candidates],
             "skipped": self.skipped,
             "stopped": self.stopped,
@@ -150,7 +160,8 @@ class Plan:
         lines = [
             f"budget {self.budget / GIB:.2f} GiB, margin {self.margin / GIB:.2f} GiB (CUDA context, "
             f"fragmentation, NCCL: not in a fake step); {self.batch} x {self.seq_len} tokens, "
-            + (f"LoRA rank {self.lora}" if self.lora is not None else "full fine-tuning"),
+            + (f"LoRA rank {self.lora}" if self.lora is not None else "full fine-tuning")
+            + (", forward under 16-bit autocast" if self.precision == "mixed" else ", no autocast"),
             head + f"{'fits':>6}{'slower':>8}",
         ]
         chosen = self.chosen

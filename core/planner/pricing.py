@@ -26,6 +26,7 @@ from ciuic.errors import ConfigError
 from ciuic.memory import CATEGORIES, MemoryMeter, MemoryReading
 
 from .build import ModelSource, build_model, extrapolation_layers, fake_model, with_layers
+from .precision import StepPrecision, check_precision, model_dtype
 
 LoraSpec = int | Callable[[nn.Module], nn.Module] | None
 """A LoRA rank (PEFT adapters on the model's attention and MLP projections), a function that
@@ -74,6 +75,7 @@ def price(
     lr: float = 1e-4,
     extrapolate: bool = True,
     attention: str = "as_run",
+    precision: str = "true",
 ) -> Pricing:
     """The peak memory of ``steps`` training steps of a model under ``config``.
 
@@ -106,6 +108,9 @@ def price(
             tensors its math kernel, which holds a ``heads x T x T`` score matrix);
             ``'fused'``: as a GPU runs it, torch's memory-efficient kernel
             (:mod:`ciuic.planner.attention`; fake tensors and transformers models only).
+        precision: ``'true'``: no autocast; ``'mixed'``: the forward under autocast in the
+            model's 16-bit dtype, as HF ``bf16=True`` and Lightning ``'bf16-mixed'`` run it
+            (:mod:`ciuic.planner.precision`).
 
     Returns:
         A :class:`Pricing`.
@@ -122,6 +127,7 @@ def price(
     device = torch.device(device)
     _check_device(device, fake)
     _check_attention(attention, fake)
+    check_precision(precision)
     started = time.perf_counter()
     run = functools.partial(
         _price_once,
@@ -134,6 +140,7 @@ def price(
         fake=fake,
         lr=lr,
         attention=attention,
+        precision=precision,
     )
     layers = extrapolation_layers(model_or_builder, cfg) if fake and extrapolate else None
     reading = run(model_or_builder) if layers is None else _extrapolated(run, model_or_builder, layers)
@@ -152,13 +159,17 @@ def _price_once(
     fake: bool,
     lr: float,
     attention: str,
+    precision: str,
 ) -> MemoryReading:
     with _tensor_mode(fake):
         if fake:
             model = fake_model(model_or_builder, lora=lora, device=device, attention=attention)
         else:
             model = build_model(model_or_builder, lora=lora, meta=False).to(device)
-        reading = _run_steps(model, config, seq_len=seq_len, batch=batch, device=device, steps=steps, lr=lr)
+        reading = _run_steps(
+            model, config, seq_len=seq_len, batch=batch, device=device, steps=steps, lr=lr,
+            precision=precision,
+        )
     del model
     return reading
 
@@ -232,7 +243,9 @@ def _run_steps(
     device: torch.device,
     steps: int,
     lr: float,
+    precision: str,
 ) -> MemoryReading:
+    mixed = StepPrecision(precision, model_dtype(model), device)
     handle = apply_(model, config)
     try:
         optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], config, lr=lr)
@@ -240,7 +253,7 @@ def _run_steps(
         tokens = torch.randint(0, vocab, (batch, seq_len), device=device)
         with MemoryMeter(device=device, track=(model, optimizer)) as meter:
             for _ in range(steps):
-                _train_step(model, optimizer, tokens)
+                _train_step(model, optimizer, tokens, mixed)
         del optimizer
         return meter.reading()
     finally:
@@ -248,9 +261,15 @@ def _run_steps(
         remove_(model)
 
 
-def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, tokens: torch.Tensor) -> None:
-    with step_scope(model):
-        loss = model(input_ids=tokens, labels=tokens).loss
+def _train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    tokens: torch.Tensor,
+    precision: StepPrecision,
+) -> None:
+    with step_scope(model), precision.step():
+        with precision.forward():
+            loss = model(input_ids=tokens, labels=tokens).loss
         loss.backward()
     del loss
     optimizer.step()

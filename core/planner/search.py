@@ -34,9 +34,10 @@ from ciuic.units import parse_bytes
 
 from .cost import slowdown
 from .floor import weight_floor
-from .knobs import Knobs, grid, knobs_of
+from .knobs import FIELD_KNOBS, LEVELS, Knobs, grid, knobs_of
 from .margin import margin_bytes
 from .plan_result import Candidate, Plan
+from .precision import check_precision, model_dtype
 from .shapes import empty_model, load_shape
 
 MOVES: dict[str, tuple[tuple[str, int], ...]] = {
@@ -70,6 +71,9 @@ def plan(
     candidates: Iterable[CiuicConfig] | None = None,
     max_pricings: int = 12,
     refine: int = 2,
+    precision: str = "mixed",
+    config: CiuicConfig | None = None,
+    margin: int | None = None,
     progress: Progress | None = None,
 ) -> Plan:
     """The cheapest config, by the cost model, whose priced peak fits ``budget`` (pure).
@@ -90,6 +94,14 @@ def plan(
         refine: At most this many pricings of phase 2 (configs rated faster than the first fit);
             0 stops at the first fit. Each pricing of a full-size shape takes a minute or more on
             a 2-core CPU, so the default stays small.
+        precision: ``'mixed'``: the forward under autocast in the model's 16-bit dtype, as a GPU
+            QLoRA run does (HF ``bf16=True``, Lightning ``'bf16-mixed'``); ``'true'``: no
+            autocast (:mod:`ciuic.planner.precision`).
+        config: Search only the fields this config leaves to the planner (``"auto"``), the
+            others priced as given: ``CiuicConfig(budget="8GiB", weights="auto")`` (what a
+            run-time ``"auto"`` does at the first step, :mod:`ciuic.planner.runtime`).
+        margin: Bytes of the budget kept for what a fake step cannot see; default
+            ``margin_bytes(budget)`` (a CUDA device's, :mod:`ciuic.planner.margin`).
         progress: Called after each pricing (the CLI's progress bar).
 
     Returns:
@@ -105,8 +117,19 @@ def plan(
     """
     limit = parse_bytes(budget, field="budget")
     _check_positive(seq_len=seq_len, batch=batch, max_pricings=max_pricings)
+    check_precision(precision)
     source = _source(model_or_shape)
-    search = _Search(source, seq_len=seq_len, batch=batch, budget=limit, lora=lora, progress=progress)
+    search = _Search(
+        source,
+        seq_len=seq_len,
+        batch=batch,
+        budget=limit,
+        lora=lora,
+        precision=precision,
+        around=config,
+        margin=margin_bytes(limit) if margin is None else margin,
+        progress=progress,
+    )
     started = time.perf_counter()
     if candidates is not None:
         search.price_all(list(candidates))
@@ -131,7 +154,7 @@ def _source(model_or_shape: Any) -> Any:
                 f"causal LM, its config, a config.json path or a shipped shape name."
             )
         config = copy.deepcopy(config)
-        config.dtype = next(model_or_shape.parameters()).dtype
+        config.dtype = model_dtype(model_or_shape)
         return config
     if isinstance(model_or_shape, (str, Path)) or hasattr(model_or_shape, "to_dict"):
         return load_shape(model_or_shape)
@@ -152,10 +175,20 @@ class _Search:
         batch: int,
         budget: int,
         lora: int | None,
+        precision: str,
+        around: CiuicConfig | None,
+        margin: int,
         progress: Progress | None,
     ) -> None:
         self.source, self.seq_len, self.batch, self.budget, self.lora = source, seq_len, batch, budget, lora
-        self.usable = budget - margin_bytes(budget)
+        self.precision = precision
+        self.base = around.without_auto() if around is not None else None
+        self.planned = around.planned() if around is not None else ()
+        self.vary = {knob for name in self.planned for knob in FIELD_KNOBS[name]} if around else set(LEVELS)
+        self.start = knobs_of(self.base) if self.base is not None else Knobs()
+        self.start = dataclasses.replace(self.start, **{knob: 0 for knob in self.vary})
+        self.margin = margin
+        self.usable = budget - margin
         self.progress = progress
         self.priced: list[Candidate] = []
         self.failed: list[Knobs] = []
@@ -172,7 +205,11 @@ class _Search:
         if best is None or self.stopped:
             return
         limit = slowdown(best)
-        cheaper = [k for k in grid(quantize_weights=self.lora is not None) if slowdown(k) < limit]
+        cheaper = [
+            k
+            for k in grid(quantize_weights=self.lora is not None)
+            if slowdown(k) < limit and self._reachable(k)
+        ]
         cheaper.sort(key=lambda k: (round(slowdown(k) / BUCKET), -sum(k.ranks())))
         for knobs in cheaper:
             if self._count() >= max_pricings:
@@ -187,7 +224,7 @@ class _Search:
         """Phase 1: from the plain config, shrink the largest category of each peak that does
         not fit, until one fits (or no move is left). A move whose pricing fails is not tried
         again."""
-        knobs, refused = Knobs(), set()
+        knobs, refused = self.start, set()
         while self._count() < max_pricings:
             if self.floors[knobs.weights] > self.usable:
                 self.skipped += 1
@@ -214,7 +251,11 @@ class _Search:
         """``knobs`` with the first move available on the largest category that has one."""
         for category in sorted(MOVES, key=lambda c: -breakdown.get(c, 0)):
             for name, rank in MOVES[category]:
-                if (name == "weights" and self.lora is None) or (name, rank) in refused:
+                if (
+                    (name == "weights" and self.lora is None)
+                    or (name, rank) in refused
+                    or name not in self.vary
+                ):
                     continue
                 following = dataclasses.replace(knobs, **{name: max(rank, getattr(knobs, name))})
                 if following != knobs:
@@ -225,7 +266,18 @@ class _Search:
     def priced_before(self) -> Knobs:
         """The last config priced without error (to step back from a failed pricing)."""
         done = [knobs_of(c.config) for c in self.priced if not c.error]
-        return done[-1] if done else Knobs()
+        return done[-1] if done else self.start
+
+    def _reachable(self, knobs: Knobs) -> bool:
+        """Whether ``knobs`` keeps every knob the search may not change at its start value."""
+        return all(getattr(knobs, k) == getattr(self.start, k) for k in LEVELS if k not in self.vary)
+
+    def _config(self, knobs: Knobs) -> CiuicConfig:
+        """The config priced for ``knobs``: the planned fields from them, the rest as given."""
+        if self.base is None:
+            return knobs.config()
+        chosen = knobs.config()
+        return self.base.replace(**{name: getattr(chosen, name) for name in self.planned})
 
     def last_breakdown(self) -> dict[str, int]:
         done = [c.breakdown for c in self.priced if not c.error]
@@ -244,9 +296,9 @@ class _Search:
 
     def _price(self, knobs: Knobs) -> Candidate:
         try:
-            candidate = self._full(knobs.config(), knobs)
+            candidate = self._full(self._config(knobs), knobs)
         except Exception as error:  # reported in the table, never hidden: the search goes on
-            candidate = Candidate(knobs.config(), 0, {}, False, slowdown(knobs), 0.0, error=_say(error))
+            candidate = Candidate(self._config(knobs), 0, {}, False, slowdown(knobs), 0.0, error=_say(error))
         self._record(candidate)
         if not candidate.fits and not candidate.error:
             self.failed.append(knobs)
@@ -256,7 +308,13 @@ class _Search:
         from .pricing import price
 
         pricing = price(
-            self.source, config, seq_len=self.seq_len, batch=self.batch, lora=self.lora, device=DEVICE
+            self.source,
+            config,
+            seq_len=self.seq_len,
+            batch=self.batch,
+            lora=self.lora,
+            device=DEVICE,
+            precision=self.precision,
         )
         return Candidate(
             config=config,
@@ -276,10 +334,11 @@ class _Search:
         return Plan(
             candidates=tuple(self.priced),
             budget=self.budget,
-            margin=margin_bytes(self.budget),
+            margin=self.margin,
             seq_len=self.seq_len,
             batch=self.batch,
-            lora=self.lora,
+            lora=getattr(self.lora, "rank", self.lora),
+            precision=self.precision,
             skipped=self.skipped,
             stopped=self.stopped,
             seconds=seconds,

@@ -22,6 +22,7 @@ recovery. Later batches keep the rung that fitted.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -121,6 +122,7 @@ class Recovery:
         while True:
             snapshot = GradSnapshot(self.handle.model.parameters())
             outputs, failure = self._attempt(step, batch, optimizer)
+            self._follow_plan()
             if failure is None:
                 self.steps += 1
                 return outputs
@@ -132,6 +134,13 @@ class Recovery:
         lines = [f"ciuic OOM recovery: {len(self.escalations)} escalation(s); running with {self.rung}"]
         lines += [f"  {e.failed} -> {e.next}: {e.reason}" for e in self.escalations]
         return "\n".join([*lines, self.handle.report()])
+
+    def _follow_plan(self) -> None:
+        """Fields left to ``"auto"`` are planned inside the first attempt (``step_scope``): the
+        rung it ran, and the ladder escalated from, is the planned config."""
+        if not self.escalations and self.handle.config != self.rung.config:
+            self.rung = dataclasses.replace(self.rung, config=self.handle.config)
+            self.tried[-1] = self.rung
 
     # -- one attempt ----------------------------------------------------------------------------
     def _attempt(self, step: Step, batch: Any, optimizer: object | None) -> tuple[list[Any], _Failure | None]:

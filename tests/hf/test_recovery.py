@@ -22,7 +22,7 @@ from ciuic.planner.escalate import escalations
 from ciuic.recovery import Rung
 from ciuic_hf import CiuicCallback
 from tests.hf.common import arguments
-from tests.models import deepseek_v3, lora, progressions
+from tests.models import LLAMA_LORA_TARGETS, deepseek_v3, lora, progressions, qwen2
 
 STEPS = 2
 ROWS = 4
@@ -86,9 +86,11 @@ class Ledger(TrainerCallback):
         self.optimizer_steps += 1
 
 
-def train(tmp_path: Path, callback: CiuicCallback, accumulation: int = 1) -> tuple[ProbeTrainer, Ledger]:
+def train(
+    tmp_path: Path, callback: CiuicCallback, accumulation: int = 1, model: torch.nn.Module | None = None
+) -> tuple[ProbeTrainer, Ledger]:
     samples = ROWS * STEPS * accumulation
-    model = lora(deepseek_v3())
+    model = lora(deepseek_v3()) if model is None else model
     model.register_parameter("probe", torch.nn.Parameter(torch.zeros(samples)))
     ledger = Ledger(ROWS * accumulation)
     args = arguments(
@@ -172,3 +174,17 @@ def test_micro_batches_inside_a_gradient_accumulation_window(tmp_path: Path) -> 
 def test_nothing_fits_stops_the_run(tmp_path: Path) -> None:
     with pytest.raises(NothingFitsError, match="Nothing in the ladder fits"):
         train(tmp_path, CiuicCallback(budget=600_000))
+
+
+def test_auto_fields_are_planned_at_the_first_step_and_the_run_fits_its_budget(tmp_path: Path) -> None:
+    """Issue #14, budget at run time through the callback: the planned config fits, so the
+    recovery never escalates, and every sample reaches the update once."""
+    # Qwen2: the planner prices on fake tensors, whose grouped matmul (the fp32 DeepSeek-V3's
+    # fused experts) takes bf16 only. Plain step 1.74 MB; loss='chunked', activations='int8' 1.23.
+    callback = CiuicCallback(budget=1_400_000, activations="auto", loss="auto")
+    ours, ledger = train(tmp_path, callback, model=lora(qwen2(), targets=LLAMA_LORA_TARGETS))
+    handle = ciuic.handle_of(ours.model)
+    assert handle is not None and handle.plan is not None and handle.plan.fits
+    assert handle.config == handle.plan.config != handle.requested.without_auto()  # type: ignore[union-attr]
+    assert callback.recovery is not None and callback.recovery.tried == [Rung(handle.config)]
+    assert Counter(ledger.seen) == Counter(range(ROWS * STEPS)) and ledger.optimizer_steps == STEPS

@@ -25,7 +25,7 @@ from ciuic.planner.escalate import escalations
 from ciuic.recovery import Rung
 from ciuic_lightning import CiuicStrategy
 from tests.lightning.helpers import VOCAB, LoraModule, trainer
-from tests.models import progressions
+from tests.models import LLAMA_LORA_TARGETS, lora, progressions, qwen2
 
 STEPS = 2
 LAST = dict(loss="chunked", activations="int4", checkpointing="full", offload=["activations"])
@@ -43,8 +43,10 @@ class RecordingModule(LoraModule):
     would show as ``2/4``; a lost sample as 0. Read before each optimizer step.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, model: torch.nn.Module | None = None) -> None:
         super().__init__()
+        if model is not None:
+            self.model = model
         self.probe = torch.nn.Parameter(torch.zeros(4 * STEPS))
         self.seen: list[int] = []
         self.optimizer_steps = 0
@@ -69,9 +71,11 @@ class RecordingModule(LoraModule):
         self.optimizer_steps += 1
 
 
-def fit(tmp_path: Path, strategy: CiuicStrategy, **kwargs: Any) -> RecordingModule:
+def fit(
+    tmp_path: Path, strategy: CiuicStrategy, model: torch.nn.Module | None = None, **kwargs: Any
+) -> RecordingModule:
     torch.manual_seed(0)
-    module = RecordingModule()
+    module = RecordingModule(model)
     tokens = progressions(batch_size=4 * STEPS, seq_len=32, vocab_size=VOCAB)
     data = DataLoader(TensorDataset(tokens, torch.arange(4 * STEPS)), batch_size=4, shuffle=False)
     trainer(tmp_path, strategy=strategy, max_steps=STEPS, **kwargs).fit(module, data)
@@ -131,3 +135,17 @@ def test_nothing_fits_stops_the_run_with_what_was_tried(tmp_path: Path) -> None:
 def test_recovery_refuses_gradient_accumulation_before_training(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="accumulate_grad_batches=2"):
         fit(tmp_path, CiuicStrategy(budget=1_600_000), accumulate_grad_batches=2)
+
+
+def test_auto_fields_are_planned_at_the_first_step_and_the_run_fits_its_budget(tmp_path: Path) -> None:
+    """Issue #14, budget at run time through the strategy: the planned config fits, so the
+    recovery never escalates, and every sample reaches the update once."""
+    # Qwen2: the planner prices on fake tensors, whose grouped matmul (the fp32 DeepSeek-V3's
+    # fused experts) takes bf16 only. Plain step 1.74 MB; loss='chunked', activations='int8' 1.23.
+    strategy = CiuicStrategy(budget=1_400_000, activations="auto", loss="auto")
+    module = fit(tmp_path, strategy, model=lora(qwen2(), targets=LLAMA_LORA_TARGETS))
+    handle = ciuic.handle_of(module)
+    assert handle is not None and handle.plan is not None and handle.plan.fits
+    assert handle.config == handle.plan.config != handle.requested.without_auto()  # type: ignore[union-attr]
+    assert strategy.ciuic_recovery is not None and strategy.ciuic_recovery.tried == [Rung(handle.config)]
+    assert sorted(module.seen) == list(range(4 * STEPS)) and module.optimizer_steps == STEPS

@@ -42,6 +42,17 @@ def test_linear_adamw_step_is_exact_under_fake_tensor_mode():
     assert meter.peak_by_category == real.peak_by_category
 
 
+def test_a_real_meter_does_not_count_a_fake_step_run_inside_it():
+    """The planner prices a run's first step on fake tensors inside the run's own meter (the
+    budget guard): the fake step holds no memory, and the real meter must not count it."""
+    with MemoryMeter(device="cpu") as outer:
+        with FakeTensorMode():
+            inner = _linear_adamw_step()
+        kept = torch.zeros(1000)
+    _assert_linear_adamw_figures(inner)
+    assert outer.peak_bytes == kept.nbytes
+
+
 def test_same_run_same_bytes():
     first, second = _linear_adamw_step().reading(), _linear_adamw_step().reading()
     assert first == second

@@ -63,13 +63,9 @@ def test_plan_bad_budget_is_one_error_line(capsys) -> None:  # type: ignore[no-u
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="not met yet: the best config priced peaks at 6.29 GiB (1.69 GiB of temporaries at the peak), "
-    "over the 6.2 GiB that 8 GiB leaves after the margin; and the search takes about 4 minutes, not 3",
-)
 def test_acceptance_qwen_7b_in_8gib(capsys) -> None:  # type: ignore[no-untyped-def]
-    """Issue #14: the 7B at 4,096 tokens in 8 GiB, a config of predicted peak <= 6.5 GiB."""
+    """Issue #14: the 7B at 4,096 tokens in 8 GiB, a config of predicted peak <= 6.5 GiB (the
+    search takes about 80 s on an idle 2-core CPU: the ``seconds`` of the JSON, not asserted)."""
     status = main(
         [
             "plan",
@@ -90,6 +86,7 @@ def test_acceptance_qwen_7b_in_8gib(capsys) -> None:  # type: ignore[no-untyped-
     result = json.loads(capsys.readouterr().out)
     assert status == 0 and result["fits"]
     assert result["predicted_peak_bytes"] <= 6.5 * 2**30
+    assert result["precision"] == "mixed"
 
 
 @pytest.mark.slow

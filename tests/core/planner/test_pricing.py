@@ -127,6 +127,50 @@ def test_pricing_leaves_no_fake_mode_nor_global_hook_behind() -> None:
     assert pricing.config == ciuic.CiuicConfig.preset("max")
 
 
+def _price_bf16_qwen2(
+    config: Any, *, fake: bool, precision: str, seq_len: int = SEQ
+) -> ciuic.planner.Pricing:
+    def build() -> nn.Module:
+        return _qwen2().to(torch.bfloat16)
+
+    return price(
+        build,
+        config,
+        seq_len=seq_len,
+        batch=BATCH,
+        lora=MODELS["qwen2"][1],
+        device="cpu",
+        fake=fake,
+        precision=precision,
+    )
+
+
+@pytest.mark.parametrize("config", ["balanced", "checkpointing_full"])
+def test_mixed_precision_pricing_equals_the_measured_peak(config: str) -> None:
+    """Under ``precision="mixed"`` the fake and the real step run the same autocast, exactly."""
+    predicted = _price_bf16_qwen2(CONFIGS[config], fake=True, precision="mixed")
+    measured = _price_bf16_qwen2(CONFIGS[config], fake=False, precision="mixed")
+    assert predicted.peak_bytes == measured.peak_bytes
+    assert predicted.breakdown == measured.breakdown
+    assert not torch.is_autocast_enabled() and not torch.is_autocast_enabled("cpu")
+
+
+def test_mixed_precision_drops_peft_float32_copies_also_in_the_recompute() -> None:
+    """Under autocast PEFT's fp32 adapters take the bf16 input as it is (no fp32 copy of it),
+    in the forward and in a checkpointed block's recompute: the peak falls (256 tokens, where
+    activations outweigh the adapters' bf16 copies that autocast caches)."""
+    for config in ("off", {"checkpointing": "full"}, {"weights": "nf4", "checkpointing": "full"}):
+        mixed = _price_bf16_qwen2(config, fake=True, precision="mixed", seq_len=256)
+        true = _price_bf16_qwen2(config, fake=True, precision="true", seq_len=256)
+        assert mixed.peak_bytes < true.peak_bytes, config
+        assert mixed.breakdown["parameters"] == true.breakdown["parameters"]
+
+
+def test_bad_precision_is_refused_naming_the_field() -> None:
+    with pytest.raises(ciuic.ConfigError, match=r"precision='bf16' is not allowed\. Allowed: 'mixed'"):
+        price(_qwen2_config(1), "off", seq_len=SEQ, batch=BATCH, precision="bf16")
+
+
 def test_optimizer_tables_stay_real_after_a_fake_pricing() -> None:
     """The 8-bit tables are cached per device: a fake pricing must not leave fake ones there."""
     _price("qwen2", {"optimizer": "adamw8bit"}, fake=True)
