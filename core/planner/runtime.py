@@ -118,7 +118,7 @@ def plan_first_step(handle: CiuicHandle, requested: CiuicConfig, inputs: Any) ->
         seq_len=tokens,
         batch=batch,
         budget=requested.budget,
-        lora=live_lora(handle.model),  # type: ignore[arg-type]
+        lora=live_lora(handle.model),
         precision=precision,
         config=requested,
         margin=None if device_type == "cuda" else 0,  # off CUDA the meter enforces exactly what it counts

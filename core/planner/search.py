@@ -38,6 +38,7 @@ from .knobs import FIELD_KNOBS, LEVELS, Knobs, grid, knobs_of
 from .margin import margin_bytes
 from .plan_result import Candidate, Plan
 from .precision import check_precision, model_dtype
+from .pricing import LoraSpec
 from .shapes import empty_model, load_shape
 
 MOVES: dict[str, tuple[tuple[str, int], ...]] = {
@@ -67,7 +68,7 @@ def plan(
     seq_len: int,
     batch: int,
     budget: int | str,
-    lora: int | None = 16,
+    lora: LoraSpec = 16,
     candidates: Iterable[CiuicConfig] | None = None,
     max_pricings: int = 12,
     refine: int = 2,
@@ -86,8 +87,9 @@ def plan(
         batch: Samples per step.
         budget: Accelerator bytes, or a string like ``"8GiB"``; a config fits when its priced
             peak is at most ``budget - margin_bytes(budget)``.
-        lora: LoRA rank (adapters on the attention and MLP projections), or ``None`` for full
-            fine-tuning (then ``weights`` stays ``'none'``: no weight is frozen).
+        lora: LoRA rank (adapters on the attention and MLP projections), a function wrapping the
+            model in PEFT (a ``.rank`` attribute names its rank in the table), or ``None`` for
+            full fine-tuning (then ``weights`` stays ``'none'``: no weight is frozen).
         candidates: Price exactly these configs, in this order, instead of searching (each is
             priced; the plan picks the fitting one of least expected slowdown).
         max_pricings: Stop the search after this many pricings (the plan says so).
@@ -174,7 +176,7 @@ class _Search:
         seq_len: int,
         batch: int,
         budget: int,
-        lora: int | None,
+        lora: LoraSpec,
         precision: str,
         around: CiuicConfig | None,
         margin: int,
@@ -337,7 +339,9 @@ class _Search:
             margin=self.margin,
             seq_len=self.seq_len,
             batch=self.batch,
-            lora=getattr(self.lora, "rank", self.lora),
+            lora=self.lora
+            if isinstance(self.lora, int) or self.lora is None
+            else getattr(self.lora, "rank", None),
             precision=self.precision,
             skipped=self.skipped,
             stopped=self.stopped,
