@@ -3,8 +3,10 @@
 ``ciuic.plan(model_or_shape, seq_len=, batch=, budget=, lora=)`` prices candidate configs by
 running the training step of the full-size model on fake tensors (:func:`price`) and returns
 the cheapest one, in expected step time (:mod:`ciuic.planner.cost`), whose peak fits the
-budget less a margin (:mod:`ciuic.planner.margin`). :func:`escalations` is the order the OOM
-recovery follows.
+budget less a margin (:mod:`ciuic.planner.margin`), with the forward under 16-bit autocast by
+default (:mod:`ciuic.planner.precision`). :func:`escalations` is the order the OOM recovery
+follows; :mod:`ciuic.planner.runtime` plans the fields a run leaves to ``"auto"`` at its first
+step.
 """
 
 from ciuic.config import PLANNED
