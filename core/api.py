@@ -155,6 +155,13 @@ class CiuicHandle:
         new = _as_config(config)
         if self.model is None:
             raise ApplyError("this handle has no model (it was not returned by ciuic.apply_).")
+        if new.planned():
+            name = new.planned()[0]
+            raise ConfigError(
+                f"{name}='auto' is not allowed in update(): the planner sets 'auto' fields at the first "
+                f"step of a config given to apply_. Allowed: a value for {name} (ciuic.plan(..., "
+                f"config=...) gives the planner's pick to pass here)."
+            )
         changed = set(self.config.differs(new))
         first = _first_changed(self, new, changed)
         if first is None:

@@ -214,8 +214,8 @@ class CiuicConfig:
         auto = [name for name, value in normalized.items() if _is_auto(name, value)]
         if auto and normalized.get("budget") is None:
             raise ConfigError(
-                f"{auto[0]}='auto' is not allowed without a budget: the planner picks it to fit "
-                f"budget. Allowed: set budget (e.g. budget='24GiB'), or give {auto[0]} a value."
+                f"{auto[0]}='auto' is not allowed without a budget: {PLANNED[auto[0]]} to fit budget. "
+                f"Allowed: set budget (e.g. budget='24GiB'), or give {auto[0]} a value."
             )
         object.__setattr__(self, "_values", normalized)
 

@@ -118,6 +118,15 @@ def test_auto_round_trips_through_dict_and_applies_defaults_until_planned() -> N
     ciuic.remove_(model)
 
 
+def test_update_to_auto_is_refused_naming_the_field() -> None:
+    model = _model()
+    handle = ciuic.apply_(model, "off")
+    with pytest.raises(ciuic.ConfigError, match=r"activations='auto' is not allowed in update\(\).*Allowed:"):
+        handle.update(ciuic.CiuicConfig(budget=BUDGET, activations="auto"))
+    assert handle.config == ciuic.CiuicConfig()
+    ciuic.remove_(model)
+
+
 def test_a_training_forward_before_the_plan_is_refused() -> None:
     """A loop that never passes the batch to ``step_scope`` would train with the defaults: refused."""
     model = _model()
