@@ -5,7 +5,7 @@
 forward under ``torch.autocast``, so PEFT's float32 adapters compute in the model's dtype and
 PEFT skips its float32 copy of each adapted layer's input (``requires_conversion = not
 torch.is_autocast_enabled()`` in ``peft.tuners.lora``). At 4,096 tokens of
-DeepSeek-R1-Distill-Qwen-7B that copy of the MLP's 18,944-wide input alone is 296 MiB.
+DeepSeek-R1-Distill-Qwen-7B that copy of the MLP's input alone is 4,096 x 18,944 float32 values, 296 MiB.
 
 ``"true"`` runs the step with no autocast, as a plain PyTorch loop does.
 

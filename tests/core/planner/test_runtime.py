@@ -136,3 +136,28 @@ def test_a_training_forward_before_the_plan_is_refused() -> None:
     with torch.no_grad():
         model(**_batch())  # evaluation is no training step: nothing to plan
     ciuic.remove_(model)
+
+
+def test_what_cannot_be_planned_is_one_error_naming_the_fields() -> None:
+    model = _model()
+    ciuic.apply_(model, ciuic.CiuicConfig(budget=BUDGET, loss="auto"))
+    with pytest.raises(ciuic.ConfigError, match=r"inputs=dict holds no \(batch, tokens\) tensor"):
+        ciuic.step_scope(model, inputs={"labels": torch.zeros(4)})
+    ciuic.remove_(model)
+    plain = nn.Sequential(nn.Linear(4, 4))
+    ciuic.apply_(plain, ciuic.CiuicConfig(budget=BUDGET, activations="auto"))
+    with pytest.raises(ciuic.ConfigError, match="holds no transformers causal LM"):
+        ciuic.step_scope(plain, inputs=torch.zeros(2, 4, dtype=torch.long))
+    ciuic.remove_(plain)
+
+
+def test_a_model_the_planner_cannot_price_is_one_error_with_the_pricing_error() -> None:
+    """The fp32 DeepSeek-V3's fused experts run a grouped matmul whose fake kernel takes bf16 only."""
+    from tests.models import deepseek_v3
+
+    model = lora(deepseek_v3())
+    ciuic.apply_(model, ciuic.CiuicConfig(budget=BUDGET, loss="auto"))
+    could_not = r"loss='auto': the planner could not price this model \(RuntimeError"
+    with pytest.raises(ciuic.ConfigError, match=could_not):
+        ciuic.step_scope(model, inputs=_batch())
+    ciuic.remove_(model)
