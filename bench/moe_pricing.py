@@ -3,9 +3,8 @@
 Run: ``python bench/moe_pricing.py`` (``--seq 4096 --lora-rank 16 --attention fused``; about
 2 minutes a row on an idle 2-core CPU, depth extrapolated). The shipped ``deepseek-v2-lite``
 shape (15.7B, 27 layers, 64 routed + 2 shared experts, MLA) is built on ``meta``, wrapped with
-PEFT LoRA from ``ciuic.lora_targets`` (MLA attention and the routed experts: this PEFT drops
-the dense and shared-expert MLP targets, huggingface/peft#3711), and priced for one sample of
-``--seq`` tokens under
+PEFT LoRA from ``ciuic.lora_targets`` (MLA attention, dense MLP, shared and routed experts),
+and priced for one sample of ``--seq`` tokens under
 
 1. ``weights="nf4"``, ``activations="int4"``, ``checkpointing="full"``, ``loss="chunked"``,
    ``optimizer="adamw8bit"``;
@@ -21,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import time
-import warnings
 from typing import Any
 
 from torch import nn
@@ -45,9 +43,7 @@ def lora(rank: int) -> Any:
     def wrap(model: nn.Module) -> nn.Module:
         from peft import LoraConfig, get_peft_model
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # the peft#3711 note
-            targets = ciuic.lora_targets(model)
+        targets = ciuic.lora_targets(model)
         return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, **targets))
 
     return wrap

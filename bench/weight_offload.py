@@ -2,8 +2,8 @@
 
 Run: ``python bench/weight_offload.py`` (about a minute on a 2-core CPU; ``--device cuda`` on a
 GPU). One row per config on the tiny DeepSeek-V3 (8 decoder layers: one dense, seven MoE; PEFT
-LoRA r=8 on attention, MLP and routed experts), batch 4 x 64 tokens, measured with
-``MemoryMeter`` over three training steps:
+LoRA r=8 from ``ciuic.lora_targets``: attention, dense MLP, shared and routed experts), batch
+4 x 64 tokens, measured with ``MemoryMeter`` over three training steps:
 
 - ``peak``: the device peak; ``weights@peak``: frozen weight bytes on the device at that moment
   (the meter's ``parameters`` less the trainable ones; the non-persistent rotary ``inv_freq``
@@ -41,7 +41,7 @@ ROWS: list[tuple[str, dict[str, Any]]] = [
 
 
 def _model(device: str) -> nn.Module:
-    return lora(deepseek_v3(num_layers=LAYERS)).to(device)
+    return lora(deepseek_v3(num_layers=LAYERS), targets=None).to(device)  # ciuic.lora_targets
 
 
 def _trainable(model: nn.Module) -> int:

@@ -37,7 +37,8 @@ LORA_TARGETS = (
 )
 """MLA attention and MLP projections of DeepSeek-V2/V3 by name. :func:`add_lora` uses
 :func:`ciuic.lora_targets` instead, which also reaches the fused routed experts (3-D
-parameters in transformers 5) and leaves out what PEFT would drop."""
+parameters in transformers 5) and targets by weight the MLP linears this PEFT drops from
+``target_modules`` (huggingface/peft#3711)."""
 
 
 def tiny_deepseek_v3(

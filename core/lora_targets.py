@@ -10,12 +10,16 @@ about 92% of DeepSeek-V2-Lite's weights) and which PEFT adapts only through
 ``target_parameters``. And PEFT 0.21 rewrites ``gate_proj``/``up_proj``/``down_proj`` targets on
 transformers-5 ``deepseek_v2``/``deepseek_v3`` models into those expert parameters (its v4-to-v5
 checkpoint conversion), dropping them for the dense MLPs and the shared experts, which are
-still ``nn.Linear`` (huggingface/peft#3711).
+still ``nn.Linear`` (huggingface/peft#3711). Such dropped linears are targeted by their weight
+instead (``target_parameters=["gate_proj.weight", ...]``), which that conversion leaves alone:
+PEFT wraps each in a ``lora.ParamWrapper`` whose delta is exactly ``lora.Linear``'s, under the
+same parameter names, so the saved adapter loads into plain PEFT (and ``apply_`` turns such a
+wrapper over a quantized weight into PEFT's bitsandbytes LoRA layer, what PEFT builds when the
+weights were quantized first).
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 from torch import nn
@@ -30,38 +34,33 @@ def lora_targets(model: nn.Module, *, experts: bool = True) -> dict[str, Any]:
     decoder (attention projections of MLA or of grouped-query attention, dense MLPs, shared
     experts; bitsandbytes layers count, so a model already quantized by Ciuic works) except
     router gates, ``lm_head`` and the embeddings; and the fused ``gate_up_proj``/``down_proj``
-    of every routed-experts module, as ``target_parameters``. Projections PEFT would drop (see
-    the module docstring) are left out with a ``UserWarning`` naming them, so the config means
-    what PEFT does with it. Routed-expert LoRA (PEFT's ``ParamWrapper``) refuses dropout, so with
-    experts the result holds ``lora_dropout=0.0`` (passing another ``lora_dropout`` as well is
-    a ``TypeError``: drop ``experts`` to use dropout on the linears).
+    of every routed-experts module, as ``target_parameters``. Linears this PEFT would drop from
+    ``target_modules`` (see the module docstring) are targeted by their ``weight`` in
+    ``target_parameters`` instead. PEFT's ``ParamWrapper`` (routed experts, and those linears)
+    refuses dropout, so whenever ``target_parameters`` is set the result holds
+    ``lora_dropout=0.0`` (passing another ``lora_dropout`` as well is a ``TypeError``).
 
     Args:
         model: The model before ``get_peft_model`` (plain, or already converted by Ciuic).
-        experts: Also adapt the routed experts (``target_parameters``).
+        experts: Also adapt the routed experts.
 
     Returns:
         ``{"target_modules": [...], "target_parameters": [...], "lora_dropout": 0.0}``
-        (the last two only when there are routed experts to adapt).
+        (the last two only when there are parameters to target).
 
     Example:
         >>> import ciuic
         >>> from ciuic.demo import tiny_deepseek_v3
         >>> targets = ciuic.lora_targets(tiny_deepseek_v3())
-        >>> targets["target_modules"][:3], targets["target_parameters"]
-        (['kv_a_proj_with_mqa', 'kv_b_proj', 'o_proj'], ['experts.down_proj', 'experts.gate_up_proj'])
+        >>> targets["target_modules"][:3]
+        ['kv_a_proj_with_mqa', 'kv_b_proj', 'o_proj']
+        >>> targets["target_parameters"][:3]  # the MLPs by weight: peft#3711
+        ['down_proj.weight', 'experts.down_proj', 'experts.gate_up_proj']
     """
     modules, params = _linear_names(model), _expert_params(model) if experts else []
     dropped = _dropped_by_peft(model, modules, params)
-    if dropped:
-        warnings.warn(
-            f"lora_targets: {', '.join(sorted(dropped))} left out: this PEFT rewrites those targets on "
-            f"{type(model).__name__} into the fused expert parameters and drops them for the dense and "
-            f"shared-expert MLPs (huggingface/peft#3711); those MLPs stay frozen until a PEFT with the fix.",
-            UserWarning,
-            stacklevel=2,
-        )
-        modules = [m for m in modules if m not in dropped]
+    modules = [m for m in modules if m not in dropped]
+    params = sorted(params + [f"{m}.weight" for m in dropped])
     kwargs: dict[str, Any] = {"target_modules": modules}
     if params:
         kwargs.update(target_parameters=params, lora_dropout=0.0)

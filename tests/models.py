@@ -62,11 +62,15 @@ def _causal_lm(
     return model
 
 
-def lora(model: nn.Module, *, rank: int = 8, targets: tuple[str, ...] = LORA_TARGETS) -> nn.Module:
-    """PEFT LoRA adapters on ``targets`` (no ``modules_to_save``): only adapters train."""
+def lora(model: nn.Module, *, rank: int = 8, targets: tuple[str, ...] | None = LORA_TARGETS) -> nn.Module:
+    """PEFT LoRA adapters on ``targets``, or where :func:`ciuic.lora_targets` says with
+    ``targets=None`` (no ``modules_to_save``): only adapters train."""
     from peft import LoraConfig, get_peft_model
 
-    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets)))
+    from ciuic import lora_targets
+
+    found = lora_targets(model) if targets is None else {"target_modules": list(targets)}
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, **found))
 
 
 def _pickled(obj: Any) -> Any:

@@ -4,7 +4,7 @@ Fake CPU tensors run CPU kernels, and torch's CPU dispatch of ``scaled_dot_produ
 takes its math kernel for fake inputs (and for MLA's unequal query/value head dims on real ones),
 which holds the ``heads x T x T`` score matrix and its softmax, memory a GPU's flash or
 memory-efficient kernel never allocates: DeepSeek-V2-Lite QLoRA at 4,096 tokens prices at
-14.20 GiB with 3.26 GiB of temporaries that way, 11.92 GiB with 1.01 GiB through
+14.26 GiB with 3.26 GiB of temporaries that way, 12.13 GiB with 1.15 GiB through
 :data:`FUSED` (``python bench/moe_pricing.py [--attention as_run]``).
 
 :data:`FUSED` is a transformers attention implementation that calls

@@ -279,25 +279,51 @@ def _load_4bit_state(module: Any, state_dict: dict[str, Any], prefix: str, *args
     weight.data = torch.empty_like(state_dict[f"{prefix}weight"], device=weight.device)
 
 
-def swap_lora_wrapper(wrapper: nn.Module, format: str) -> type | None:
-    """Turn a PEFT ``lora.Linear`` whose base layer became a bitsandbytes layer into PEFT's
-    ``lora.bnb`` class for that layer; returns the previous class (None if nothing to do).
+def swap_lora_wrapper(wrapper: nn.Module, base: nn.Module) -> type | None:
+    """Give a PEFT LoRA wrapper whose base layer was just converted to ``base`` the class PEFT
+    builds over such a layer; returns the previous class (None if nothing changed).
+
+    ``lora.Linear``, or a ``lora.ParamWrapper`` on a linear's 2-D ``weight`` (see
+    :func:`is_weight_param_wrapper`), over a bitsandbytes layer becomes PEFT's ``lora.bnb``
+    class for it; such a ``ParamWrapper`` over another converted linear (pruned) becomes
+    ``lora.Linear``, which adds ``s*B@(A@x)`` to whatever its base layer computes.
 
     Why: converting after ``get_peft_model`` must give the model converting before gives. PEFT
-    picks ``lora.bnb.Linear4bit``/``Linear8bitLt`` when it wraps a bitsandbytes layer; those
-    dequantize to merge and unmerge, whereas ``lora.Linear.merge`` would add to the packed
-    weight. Both classes hold the same LoraLayer state, so only the class changes.
+    picks ``lora.bnb.Linear4bit``/``Linear8bitLt`` when it wraps a bitsandbytes layer, for
+    ``target_modules`` and ``target_parameters`` alike; those dequantize to merge and unmerge,
+    whereas ``lora.Linear.merge`` would add to the packed weight (and ``ParamWrapper`` would
+    parametrize it). All these classes hold the same LoraLayer state (a 2-D ``ParamWrapper``'s
+    delta is ``lora.Linear``'s), so only the class changes.
     """
     from peft.tuners.lora import layer as lora_layer
 
-    if type(wrapper) is not lora_layer.Linear:
+    param_wrapper = is_weight_param_wrapper(wrapper)
+    if type(wrapper) is not lora_layer.Linear and not param_wrapper:
         return None
-    from peft.tuners.lora import bnb as lora_bnb
-
     previous = type(wrapper)
-    new_class: type = lora_bnb.Linear8bitLt if format == "int8" else lora_bnb.Linear4bit
-    wrapper.__class__ = new_class
+    if is_bnb_linear(base):
+        from bitsandbytes.nn.modules import Linear8bitLt
+        from peft.tuners.lora import bnb as lora_bnb
+
+        int8 = isinstance(base, Linear8bitLt)
+        wrapper.__class__ = lora_bnb.Linear8bitLt if int8 else lora_bnb.Linear4bit
+    elif param_wrapper:
+        wrapper.__class__ = lora_layer.Linear
+        wrapper.__dict__.setdefault("is_target_conv_1d_layer", False)
+    else:
+        return None
     return previous
+
+
+def is_weight_param_wrapper(module: nn.Module) -> bool:
+    """Whether ``module`` is PEFT's ``lora.ParamWrapper`` on the 2-D ``weight`` of the module it
+    wraps directly (not nested: nothing else of that module is targeted)."""
+    cls = type(module)
+    if cls.__name__ != "ParamWrapper" or not cls.__module__.startswith("peft."):
+        return False
+    on_weight = getattr(module, "parameter_name", None) == "weight"
+    nested = "ParamWrapper" in type(module.get_submodule("base_layer")).__name__
+    return on_weight and getattr(module, "_param_ndim", 0) == 2 and not nested
 
 
 def unswap_lora_wrapper(wrapper: nn.Module) -> None:

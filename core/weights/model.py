@@ -56,6 +56,7 @@ from .functional import storage_bytes
 from .linear import (
     dequantize_linear,
     is_bnb_linear,
+    is_weight_param_wrapper,
     linear_storage_bytes,
     quantize_linear,
     swap_lora_wrapper,
@@ -251,7 +252,16 @@ def _plan(model: nn.Module, options: WeightOptions) -> _Plan:
 def _plan_param_wrapper(plan: _Plan, name: str, wrapper: nn.Module, options: WeightOptions) -> None:
     """PEFT's ``target_parameters`` LoRA (nested ``ParamWrapper``s, which PEFT 0.21 also derives
     from ``gate_proj``/``up_proj`` targets on transformers-5 MoE models): the fused experts at
-    the bottom of the chain are converted, and the chain then adds LoRA per routed expert."""
+    the bottom of the chain are converted, and the chain then adds LoRA per routed expert. A
+    wrapper on a linear's ``weight`` (``lora_targets``' way around peft#3711) is planned as that
+    linear; converting it swaps the wrapper to PEFT's bitsandbytes LoRA class."""
+    linear = wrapper.get_submodule("base_layer")
+    if is_weight_param_wrapper(wrapper) and isinstance(linear, (nn.Linear, PrunedLinear)):
+        if is_bnb_linear(linear) or isinstance(linear, PrunedLinear):
+            plan.skipped[_ALREADY].append(f"{name}.base_layer")
+        else:
+            _plan_linear(plan, f"{name}.base_layer", linear, options)
+        return
     base, base_name = wrapper, name
     while is_peft_param_wrapper(base):
         base, base_name = base.get_submodule("base_layer"), f"{base_name}.base_layer"
@@ -529,8 +539,8 @@ def _install(
         # The original module keeps only the shape, dtype and requires_grad of its weight.
         placeholder = torch.empty_like(weight, device="meta")
         setattr(original, param, nn.Parameter(placeholder, requires_grad=weight.requires_grad))
-    if attr == "base_layer" and is_bnb_linear(new):
-        conversion.wrapper_class = swap_lora_wrapper(parent, "int8" if _is_int8(new) else "nf4")
+    if attr == "base_layer":
+        conversion.wrapper_class = swap_lora_wrapper(parent, new)
     return conversion
 
 
@@ -648,12 +658,6 @@ def _has_part(name: str, part: str) -> bool:
 def _is_adapter(name: str) -> bool:
     parts = name.split(".")
     return any(p.startswith("lora_") for p in parts)
-
-
-def _is_int8(module: nn.Module) -> bool:
-    from bitsandbytes.nn.modules import Linear8bitLt
-
-    return isinstance(module, Linear8bitLt)
 
 
 def _summarize(names: list[str]) -> str:

@@ -17,8 +17,9 @@ ATTENTION = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"
 
 
 def model_of(targets: tuple[str, ...] | None = None, **kwargs: int) -> nn.Module:
-    model = deepseek_v3(num_layers=LAYERS, **kwargs)
-    return lora(model) if targets is None else lora(model, targets=targets)
+    """The tiny DeepSeek-V3 with PEFT LoRA on ``targets`` (default: ``ciuic.lora_targets``,
+    attention, the dense MLP, shared and routed experts)."""
+    return lora(deepseek_v3(num_layers=LAYERS, **kwargs), targets=targets)
 
 
 def frozen_bytes(module: nn.Module) -> int:
