@@ -14,6 +14,8 @@ import ciuic
 from tests.models import deepseek_v3, lora, progressions
 
 BATCH = 4
+LR = 1e-2
+"""The scripts' AdamW learning rate (the peak of the default linear schedule)."""
 SEQ = 32
 
 
@@ -39,7 +41,7 @@ def arguments(output_dir: Path, **overrides: Any) -> TrainingArguments:
         "disable_tqdm": True,
         "per_device_train_batch_size": BATCH,
         "per_device_eval_batch_size": BATCH,
-        "learning_rate": 1e-2,
+        "learning_rate": LR,
         "max_steps": 10,
         "logging_steps": 10,
         "save_strategy": "no",
