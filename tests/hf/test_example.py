@@ -8,6 +8,7 @@ from pathlib import Path
 from types import ModuleType
 
 import ciuic
+from tests.models import assert_moe_lora_quantized
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,6 +27,7 @@ def test_default_run(tmp_path: Path) -> None:
     trainer = _example().main(["--steps", "3", "--output-dir", str(tmp_path)])
     assert trainer.state.global_step == 3
     assert ciuic.handle_of(trainer.model).config == ciuic.CiuicConfig.preset("balanced")
+    assert_moe_lora_quantized(trainer.model)
 
 
 def test_jsonl_data_and_max(tmp_path: Path) -> None:

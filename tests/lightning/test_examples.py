@@ -12,6 +12,7 @@ import yaml
 import ciuic
 from ciuic import ConfigError
 from ciuic_lightning import CiuicStrategy
+from tests.models import assert_moe_lora_quantized
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -54,6 +55,7 @@ def test_lightning_cli_yaml_runs(tmp_path: Path) -> None:
     expected = ciuic.CiuicConfig.preset("balanced", activations="int4")
     handle = ciuic.handle_of(cli.model)
     assert handle is not None and handle.config == expected
+    assert_moe_lora_quantized(cli.model)
 
 
 def test_lightning_cli_bad_value_is_core_error_before_the_first_step(tmp_path: Path) -> None:
